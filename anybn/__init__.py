@@ -1,0 +1,21 @@
+"""anybn: one batch normalization for every array library, written against the array API.
+
+Functional core: :func:`batch_norm_train`, :func:`batch_norm_backward`,
+:func:`batch_norm_eval`. Stateful layer: :class:`BatchNorm`. Population statistics for
+inference (Ioffe & Szegedy 2015, Algorithm 2): :class:`PopulationStats`.
+"""
+
+from .functional import BatchNormSaved, batch_norm_backward, batch_norm_eval, batch_norm_train
+from .layer import BatchNorm
+from .population import PopulationStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchNorm",
+    "BatchNormSaved",
+    "PopulationStats",
+    "batch_norm_backward",
+    "batch_norm_eval",
+    "batch_norm_train",
+]

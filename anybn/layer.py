@@ -1,0 +1,448 @@
+"""The stateful layer: parameters and running statistics around the functional core."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import array_api_compat
+
+from ._namespace import Array, describe, namespace_from_module
+from .functional import BatchNormSaved, batch_norm_backward, batch_norm_train, eval_forward
+from .population import Method, PopulationStats
+
+__all__ = ["BatchNorm"]
+
+_KERAS_NAMES = ("gamma", "beta", "moving_mean", "moving_variance")
+
+
+class BatchNorm:
+    """Batch normalization layer with PyTorch's semantics, on any array-API backend.
+
+    In training mode (the default) ``layer(x)`` normalizes with the batch statistics and
+    updates the running statistics; in eval mode it uses the running statistics.
+
+    Parameters
+    ----------
+    num_features : int
+        C, the size of the feature axis.
+    axis : int, default 1
+        Feature axis of the inputs: 1 for (N, C, *spatial), -1 for channels-last.
+    eps : float, default 1e-5
+        Added to the variance; must be > 0.
+    momentum : float in [0, 1] or None, default 0.1
+        Weight of the new batch in the running averages:
+        running = (1 - momentum) * running + momentum * batch. None gives the cumulative
+        average over all batches (factor 1 / num_batches_tracked).
+    affine : bool, default True
+        Learn ``weight`` (gamma, initialised to 1) and ``bias`` (beta, initialised to 0).
+    track_running_stats : bool, default True
+        Keep running statistics. When False, batch statistics are used in eval mode too,
+        and ``running_mean``/``running_var`` are None.
+    xp : module, optional
+        The array library of the parameters (numpy, cupy, torch, jax.numpy, ...).
+        Defaults to NumPy. Inputs must come from the same library and device.
+    device : optional
+        Device for the parameters, in ``xp``'s terms.
+    dtype : optional
+        Real floating dtype of the parameters (an ``xp`` dtype or its name); float32 by
+        default. float16/bfloat16 inputs pair well with float32 parameters.
+
+    Attributes
+    ----------
+    weight, bias : array of shape (C,) or None
+    running_mean, running_var : array of shape (C,) or None
+        ``running_var`` is updated with the unbiased batch variance, as PyTorch, Chainer
+        and cuDNN do, while normalization uses the biased one.
+    num_batches_tracked : int
+    grad_weight, grad_bias : array of shape (C,) or None
+        Set by :meth:`backward`.
+    training : bool
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        axis: int = 1,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        xp: Any = None,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        fn = "BatchNorm"
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(f"{fn}: num_features must be a positive int, got {num_features!r}")
+        if isinstance(axis, bool) or not isinstance(axis, int):
+            raise TypeError(f"{fn}: axis must be an int, got {type(axis).__name__}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+            raise TypeError(f"{fn}: eps must be a float, got {type(eps).__name__}")
+        if not eps > 0:
+            raise ValueError(f"{fn}: eps must be > 0, got {eps}")
+        if momentum is not None:
+            if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+                raise TypeError(
+                    f"{fn}: momentum must be a float in [0, 1] or None, got {type(momentum).__name__}"
+                )
+            if not 0.0 <= momentum <= 1.0:
+                raise ValueError(f"{fn}: momentum must be in [0, 1] or None, got {momentum}")
+        self.num_features = num_features
+        self.axis = axis
+        self.eps = float(eps)
+        self.momentum = None if momentum is None else float(momentum)
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        self.training = True
+
+        self._xp = namespace_from_module(xp)
+        self._dtype = self._resolve_dtype(dtype)
+        self._device = device
+        # validate the device by making the first parameter on it
+        probe = self._xp.zeros(num_features, dtype=self._dtype, device=device)
+        self._device = array_api_compat.device(probe)
+
+        self.weight: Array | None = None
+        self.bias: Array | None = None
+        self.running_mean: Array | None = None
+        self.running_var: Array | None = None
+        self.num_batches_tracked = 0
+        self.grad_weight: Array | None = None
+        self.grad_bias: Array | None = None
+        self._saved: BatchNormSaved | None = None
+        self.reset_parameters()
+
+    # -- set-up -------------------------------------------------------------------------
+
+    def _resolve_dtype(self, dtype: Any) -> Any:
+        xp = self._xp
+        if dtype is None:
+            return xp.float32
+        if isinstance(dtype, str):
+            resolved = getattr(xp, dtype, None)
+            if resolved is None:
+                raise TypeError(f"BatchNorm: dtype {dtype!r} is not a dtype of {xp.__name__}")
+            dtype = resolved
+        try:
+            floating = xp.isdtype(dtype, "real floating")
+        except Exception:
+            floating = False
+        if not floating:
+            raise TypeError(f"BatchNorm: dtype must be a real floating dtype, got {dtype!r}")
+        return dtype
+
+    def _full(self, value: float) -> Array:
+        return self._xp.full(self.num_features, value, dtype=self._dtype, device=self._device)
+
+    def reset_running_stats(self) -> None:
+        """Running mean 0, running variance 1, no batches tracked."""
+        if self.track_running_stats:
+            self.running_mean = self._full(0.0)
+            self.running_var = self._full(1.0)
+        self.num_batches_tracked = 0
+
+    def reset_parameters(self) -> None:
+        """Reset the running statistics, and weight to 1 and bias to 0 when affine."""
+        self.reset_running_stats()
+        if self.affine:
+            self.weight = self._full(1.0)
+            self.bias = self._full(0.0)
+
+    # -- modes --------------------------------------------------------------------------
+
+    def train(self, mode: bool = True) -> BatchNorm:
+        """Set training mode (``mode=True``) or eval mode; returns ``self``."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self) -> BatchNorm:
+        """Set eval mode; returns ``self``."""
+        return self.train(False)
+
+    # -- forward and backward -----------------------------------------------------------
+
+    def _check_input(self, x: Array) -> None:
+        fn = "BatchNorm"
+        try:
+            xp = array_api_compat.array_namespace(x)
+        except TypeError:
+            raise TypeError(
+                f"{fn}: x must be an array of an array-API library, got {type(x).__name__}"
+            ) from None
+        if xp is not self._xp:
+            raise TypeError(
+                f"{fn}: x is a {describe(x)} array but the parameters are {self._xp.__name__} "
+                f"arrays; create the layer with xp= the library of x"
+            )
+        ndim = len(x.shape)
+        if ndim >= 2 and -ndim <= self.axis < ndim and x.shape[self.axis] != self.num_features:
+            raise ValueError(
+                f"{fn}: x has {x.shape[self.axis]} features along axis {self.axis} "
+                f"(x.shape = {tuple(x.shape)}), expected num_features = {self.num_features}"
+            )
+
+    def __call__(self, x: Array) -> Array:
+        """Forward pass; see :meth:`forward`."""
+        return self.forward(x)
+
+    def forward(self, x: Array) -> Array:
+        """Normalize ``x`` (shape (N, C, *spatial) or channels-last per ``axis``).
+
+        Returns an array of the same shape, dtype, namespace and device. In training mode
+        with ``track_running_stats``, also updates the running statistics.
+        """
+        self._check_input(x)
+        use_batch_stats = self.training or not self.track_running_stats
+        if use_batch_stats:
+            y, saved = batch_norm_train(x, self.weight, self.bias, axis=self.axis, eps=self.eps)
+            if self.training and self.track_running_stats:
+                self._update_running_stats(saved)
+        else:
+            y, saved = eval_forward(
+                "BatchNorm",
+                x,
+                self.running_mean,
+                self.running_var,
+                self.weight,
+                self.bias,
+                axis=self.axis,
+                eps=self.eps,
+            )
+        self._saved = saved
+        return y
+
+    def _update_running_stats(self, saved: BatchNormSaved) -> None:
+        xp = self._xp
+        self.num_batches_tracked += 1
+        if self.momentum is None:
+            factor = 1.0 / self.num_batches_tracked
+        else:
+            factor = self.momentum
+        m = saved.count
+        mean = xp.astype(saved.mean, self._dtype)
+        unbiased_var = xp.astype(saved.var * (m / (m - 1)), self._dtype)
+        # new arrays, not in-place updates: a state_dict handed out earlier stays as it was
+        self.running_mean = (1.0 - factor) * self.running_mean + factor * mean
+        self.running_var = (1.0 - factor) * self.running_var + factor * unbiased_var
+
+    def backward(self, dy: Array) -> Array:
+        """Gradient with respect to the input of the last forward pass.
+
+        Sets ``grad_weight`` and ``grad_bias`` (None when not affine) and returns ``dx``,
+        of the shape, dtype, namespace and device of that input. After a forward pass in
+        eval mode the statistics are constants and ``dx = dy * weight / sqrt(var + eps)``.
+        """
+        if self._saved is None:
+            raise RuntimeError("BatchNorm.backward: no forward pass to differentiate; call layer(x) first")
+        dx, self.grad_weight, self.grad_bias = batch_norm_backward(dy, self._saved)
+        return dx
+
+    # -- population statistics ----------------------------------------------------------
+
+    def estimate_population(self, batches: Iterable[Array], method: Method = "paper") -> BatchNorm:
+        """Set the running statistics to population estimates over ``batches``.
+
+        This is the inference mode of Ioffe & Szegedy (2015), Algorithm 2, with
+        ``method="paper"``; ``"pooled"`` gives the exact statistics of all values. See
+        :class:`anybn.PopulationStats`. ``batches`` is any iterable of inputs to this layer
+        (the activations that reach it). Weights and ``num_batches_tracked`` are unchanged.
+        Returns ``self``.
+        """
+        fn = "BatchNorm.estimate_population"
+        if not self.track_running_stats:
+            raise ValueError(f"{fn}: the layer has track_running_stats=False: no running statistics to fill")
+        if method not in ("paper", "pooled"):
+            raise ValueError(f"{fn}: method must be 'paper' or 'pooled', got {method!r}")
+        stats = PopulationStats(self.num_features, axis=self.axis)
+        for x in batches:
+            self._check_input(x)
+            stats.update(x)
+        if stats.num_batches == 0:
+            raise ValueError(f"{fn}: batches is empty; give at least one batch")
+        mean, var = stats.result(method)
+        self.running_mean = self._xp.astype(mean, self._dtype)
+        self.running_var = self._xp.astype(var, self._dtype)
+        return self
+
+    # -- state --------------------------------------------------------------------------
+
+    def _state_keys(self) -> tuple[str, ...]:
+        keys: tuple[str, ...] = ("weight", "bias") if self.affine else ()
+        if self.track_running_stats:
+            keys += ("running_mean", "running_var", "num_batches_tracked")
+        return keys
+
+    def state_dict(self) -> dict[str, Array]:
+        """The layer's state under PyTorch's names, as arrays of the layer's library.
+
+        Keys: ``weight`` and ``bias`` (when affine), ``running_mean``, ``running_var`` and
+        ``num_batches_tracked`` (a 0-d integer array; when tracking running statistics).
+        The arrays are the layer's own, not copies; the layer never writes to them in place.
+        """
+        state: dict[str, Array] = {}
+        for key in self._state_keys():
+            if key == "num_batches_tracked":
+                info = self._xp.__array_namespace_info__()
+                int_dtype = info.default_dtypes(device=self._device)["integral"]
+                state[key] = self._xp.asarray(self.num_batches_tracked, dtype=int_dtype, device=self._device)
+            else:
+                state[key] = getattr(self, key)
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Load a state saved by :meth:`state_dict` or by ``torch.nn.BatchNorm*d``.
+
+        Values may be arrays of any library (for example
+        ``{k: v.numpy() for k, v in torch_bn.state_dict().items()}``); they are copied into
+        the layer's library, device and dtype. Keys must be exactly those of
+        :meth:`state_dict`; vectors must have shape (num_features,). Nothing is changed
+        when the state is rejected.
+        """
+        fn = "BatchNorm.load_state_dict"
+        expected = set(self._state_keys())
+        got = set(state)
+        if got != expected:
+            missing, unexpected = sorted(expected - got), sorted(got - expected)
+            raise ValueError(
+                f"{fn}: state keys do not match: missing {missing}, unexpected {unexpected} "
+                f"(expected {sorted(expected)})"
+            )
+        converted: dict[str, Any] = {}
+        for key in expected:
+            if key == "num_batches_tracked":
+                converted[key] = _as_count(fn, state[key])
+                continue
+            value = self._convert(fn, key, state[key])
+            if tuple(value.shape) != (self.num_features,):
+                raise ValueError(
+                    f"{fn}: {key} has shape {tuple(value.shape)}, expected ({self.num_features},)"
+                )
+            converted[key] = value
+        for key, value in converted.items():
+            setattr(self, key, value)
+
+    def _convert(self, fn: str, key: str, value: Any) -> Array:
+        """A copy of ``value`` (any library) in the layer's namespace, device and dtype."""
+        xp = self._xp
+        try:
+            out = xp.asarray(value, device=self._device, copy=True)
+        except Exception:
+            try:  # across libraries and devices, through DLPack
+                out = xp.from_dlpack(value, device=self._device, copy=True)
+            except Exception:
+                raise TypeError(
+                    f"{fn}: cannot convert {key} ({describe(value)} {type(value).__name__}) to a "
+                    f"{xp.__name__} array on {self._device!r}"
+                ) from None
+        if not xp.isdtype(out.dtype, "real floating") and not xp.isdtype(out.dtype, "integral"):
+            raise TypeError(f"{fn}: {key} must be a real numeric array, got dtype {out.dtype}")
+        return xp.astype(out, self._dtype)
+
+    # -- Keras --------------------------------------------------------------------------
+
+    @classmethod
+    def from_keras(
+        cls,
+        weights: Mapping[str, Any] | Sequence[Any],
+        *,
+        momentum: float = 0.99,
+        epsilon: float = 1e-3,
+        axis: int = -1,
+        xp: Any = None,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> BatchNorm:
+        """A layer equivalent to a Keras ``BatchNormalization`` with these weights.
+
+        Keras's defaults (``momentum=0.99``, ``epsilon=1e-3``, ``axis=-1``) are Keras's
+        names and meanings: its momentum weighs the *old* value, so the layer gets
+        ``momentum = 1 - momentum_keras`` (0.99 becomes 0.01). ``weights`` is a dict with the
+        keys ``gamma``, ``beta``, ``moving_mean``, ``moving_variance`` (``gamma``/``beta``
+        may be absent for ``scale=False``/``center=False``), or the list from Keras's
+        ``layer.get_weights()`` in that order, which needs all four.
+
+        Keras stores a *biased* moving variance (it averages the biased batch variances),
+        while this layer, like PyTorch, averages the unbiased ones. Loaded statistics give
+        the same eval outputs as in Keras; further training updates them the PyTorch way.
+        """
+        if isinstance(weights, Mapping):
+            named = dict(weights)
+        else:
+            values = list(weights)
+            if len(values) != 4:
+                raise ValueError(
+                    f"BatchNorm.from_keras: a weight list needs 4 arrays in the order {list(_KERAS_NAMES)}, "
+                    f"got {len(values)}; pass a dict for center=False or scale=False"
+                )
+            named = dict(zip(_KERAS_NAMES, values))
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"BatchNorm.from_keras: momentum must be in [0, 1], got {momentum}")
+        mean = named.get("moving_mean")
+        if mean is None:
+            raise ValueError(
+                f"BatchNorm.from_keras: weights must hold 'moving_mean', got keys {sorted(named)}"
+            )
+        num_features = int(mean.shape[0]) if len(mean.shape) == 1 else -1
+        layer = cls(
+            num_features,
+            axis=axis,
+            eps=epsilon,
+            momentum=1.0 - momentum,
+            affine=True,
+            xp=xp,
+            device=device,
+            dtype=dtype,
+        )
+        layer.load_keras_weights(named)
+        return layer
+
+    def load_keras_weights(self, weights: Mapping[str, Any]) -> None:
+        """Load Keras-named weights: ``gamma``, ``beta``, ``moving_mean``, ``moving_variance``.
+
+        A missing ``gamma`` (Keras ``scale=False``) loads as ones and a missing ``beta``
+        (``center=False``) as zeros. ``num_batches_tracked`` becomes 0. See :meth:`from_keras`
+        for the momentum conversion and the biased moving variance.
+        """
+        fn = "BatchNorm.load_keras_weights"
+        unknown = sorted(set(weights) - set(_KERAS_NAMES))
+        if unknown or not {"moving_mean", "moving_variance"} <= set(weights):
+            raise ValueError(
+                f"{fn}: expected keys {list(_KERAS_NAMES)} (gamma and beta optional), got {sorted(weights)}"
+            )
+        if not self.affine and ("gamma" in weights or "beta" in weights):
+            raise ValueError(f"{fn}: the layer has affine=False but weights hold gamma/beta")
+        if not self.track_running_stats:
+            raise ValueError(f"{fn}: the layer has track_running_stats=False: no moving statistics to load")
+        state: dict[str, Any] = {
+            "running_mean": weights["moving_mean"],
+            "running_var": weights["moving_variance"],
+            "num_batches_tracked": 0,
+        }
+        if self.affine:
+            state["weight"] = weights.get("gamma", self._full(1.0))
+            state["bias"] = weights.get("beta", self._full(0.0))
+        self.load_state_dict(state)
+
+    def __repr__(self) -> str:
+        return (
+            f"BatchNorm({self.num_features}, axis={self.axis}, eps={self.eps}, "
+            f"momentum={self.momentum}, affine={self.affine}, "
+            f"track_running_stats={self.track_running_stats}, xp={self._xp.__name__})"
+        )
+
+
+def _as_count(fn: str, value: Any) -> int:
+    """num_batches_tracked from an int or a 0-d / one-element integer array of any library."""
+    try:
+        if hasattr(value, "shape") and len(value.shape) > 1:
+            raise ValueError
+        count = int(value.item() if hasattr(value, "item") else value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{fn}: num_batches_tracked must be a non-negative integer or 0-d integer array, got {value!r}"
+        ) from None
+    if count < 0:
+        raise ValueError(f"{fn}: num_batches_tracked must be >= 0, got {count}")
+    return count
