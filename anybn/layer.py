@@ -235,7 +235,7 @@ class BatchNorm:
         eval mode the statistics are constants and ``dx = dy * weight / sqrt(var + eps)``.
         """
         if self._saved is None:
-            raise RuntimeError("BatchNorm.backward: no forward pass to differentiate; call layer(x) first")
+            raise ValueError("BatchNorm.backward: no forward pass to differentiate; call layer(x) first")
         dx, self.grad_weight, self.grad_bias = batch_norm_backward(dy, self._saved)
         return dx
 

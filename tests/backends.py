@@ -26,10 +26,7 @@ class Backend:
     def asarray(self, a: np.ndarray | float, dtype: Any = None) -> Any:
         """A backend array on this backend's device from NumPy data (float64 kept unless dtype)."""
         a = np.asarray(a)
-        if dtype is None:
-            dtype = getattr(self.xp, str(a.dtype))
-        elif isinstance(dtype, str):
-            dtype = getattr(self.xp, dtype)
+        dtype = self.dtype(str(a.dtype) if dtype is None else dtype)
         if self.name.startswith("dask"):
             import dask.array as da
 
@@ -41,7 +38,12 @@ class Backend:
         """float64 NumPy copy of a backend array (computing it where lazy)."""
         return np.asarray(self._to_numpy(a), dtype=np.float64)
 
-    def dtype(self, name: str) -> Any:
+    def dtype(self, name: Any) -> Any:
+        """The backend's dtype called ``name`` (dask's namespace lacks float16: use NumPy's)."""
+        if not isinstance(name, str):
+            return name
+        if self.name == "dask":
+            return np.dtype(name)
         return getattr(self.xp, name)
 
 
