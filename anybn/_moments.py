@@ -68,7 +68,7 @@ def shifted_moments(xp: Namespace, xf: Array, reducer: FeatureReducer, count: in
     delta = reducer.sum(centered) / count
     var = reducer.dot(centered, centered) / count - delta * delta
     # rounding can leave -tiny when every value of a feature is equal
-    var = xp.clip(var, min=0.0)
+    var = xp.maximum(var, 0.0)
     return ShiftedMoments(centered, pivot, delta, var)
 
 

@@ -7,7 +7,7 @@ no array library is imported.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 import array_api_compat
 
@@ -72,8 +72,26 @@ def namespace_of(fn: str, **arrays: Array | None) -> Namespace:
 
     The first keyword names the reference array (``x``); errors name the offending argument.
     """
-    present = {name: a for name, a in arrays.items() if a is not None}
-    (ref_name, ref), *others = present.items()
+    present = [(name, a) for name, a in arrays.items() if a is not None]
+    try:
+        xp = array_api_compat.array_namespace(*(a for _, a in present))
+    except TypeError:
+        _raise_mixed(fn, present)
+    if len(present) > 1:
+        (ref_name, ref), *others = present
+        ref_device = array_api_compat.device(ref)
+        for name, a in others:
+            if array_api_compat.device(a) != ref_device:
+                raise ValueError(
+                    f"{fn}: {name} is on device {array_api_compat.device(a)!r}, expected the "
+                    f"device of {ref_name} ({ref_device!r})"
+                )
+    return xp
+
+
+def _raise_mixed(fn: str, present: list[tuple[str, Array]]) -> NoReturn:
+    """Name the first argument that is not an array of the reference array's library."""
+    (ref_name, ref), *others = present
     try:
         xp = array_api_compat.array_namespace(ref)
     except TypeError:
@@ -81,23 +99,17 @@ def namespace_of(fn: str, **arrays: Array | None) -> Namespace:
             f"{fn}: {ref_name} must be an array of an array-API library "
             f"(numpy, cupy, torch, jax, dask, array_api_strict, ...), got {type(ref).__name__}"
         ) from None
-    ref_device = array_api_compat.device(ref)
     for name, a in others:
         try:
-            other_xp = array_api_compat.array_namespace(a)
+            same = array_api_compat.array_namespace(a) is xp
         except TypeError:
-            other_xp = None
-        if other_xp is not xp:
+            same = False
+        if not same:
             raise TypeError(
                 f"{fn}: {name} is a {describe(a)} {type(a).__name__}, expected an array of the "
                 f"same library as {ref_name} ({describe(ref)})"
-            )
-        if array_api_compat.device(a) != ref_device:
-            raise ValueError(
-                f"{fn}: {name} is on device {array_api_compat.device(a)!r}, expected the device "
-                f"of {ref_name} ({ref_device!r})"
-            )
-    return xp
+            ) from None
+    raise TypeError(f"{fn}: the arrays {[n for n, _ in present]} mix array libraries")
 
 
 def namespace_from_module(module: Any) -> Namespace:
