@@ -67,6 +67,11 @@ def describe(a: Array) -> str:
     return {"builtins": type(a).__name__}.get(module, module)
 
 
+def library_name(xp: Namespace) -> str:
+    """``numpy`` for ``array_api_compat.numpy``: the name a user knows the library by."""
+    return xp.__name__.removeprefix("array_api_compat.")
+
+
 def namespace_of(fn: str, **arrays: Array | None) -> Namespace:
     """The array-API namespace shared by all non-None ``arrays``, checking devices agree.
 

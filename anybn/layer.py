@@ -7,7 +7,7 @@ from typing import Any
 
 import array_api_compat
 
-from ._namespace import Array, describe, namespace_from_module
+from ._namespace import Array, describe, library_name, namespace_from_module
 from .functional import BatchNormSaved, batch_norm_backward, batch_norm_train, eval_forward
 from .population import Method, PopulationStats
 
@@ -123,7 +123,7 @@ class BatchNorm:
         if isinstance(dtype, str):
             resolved = getattr(xp, dtype, None)
             if resolved is None:
-                raise TypeError(f"BatchNorm: dtype {dtype!r} is not a dtype of {xp.__name__}")
+                raise TypeError(f"BatchNorm: dtype {dtype!r} is not a dtype of {library_name(xp)}")
             dtype = resolved
         try:
             floating = xp.isdtype(dtype, "real floating")
@@ -173,7 +173,7 @@ class BatchNorm:
             ) from None
         if xp is not self._xp:
             raise TypeError(
-                f"{fn}: x is a {describe(x)} array but the parameters are {self._xp.__name__} "
+                f"{fn}: x is a {describe(x)} array but the parameters are {library_name(self._xp)} "
                 f"arrays; create the layer with xp= the library of x"
             )
         ndim = len(x.shape)
@@ -326,15 +326,28 @@ class BatchNorm:
     def _convert(self, fn: str, key: str, value: Any) -> Array:
         """A copy of ``value`` (any library) in the layer's namespace, device and dtype."""
         xp = self._xp
-        try:
-            out = xp.asarray(value, device=self._device, copy=True)
-        except Exception:
-            try:  # across libraries and devices, through DLPack
-                out = xp.from_dlpack(value, device=self._device, copy=True)
+        # tensors that require grad (torch Parameters) refuse export until detached
+        detach = getattr(value, "detach", None)
+        if callable(detach):
+            value = detach()
+        out = None
+        if array_api_compat.is_array_api_obj(value):
+            try:
+                same_library = array_api_compat.array_namespace(value) is xp
+            except TypeError:
+                same_library = False
+            if not same_library:
+                try:  # across libraries and devices: DLPack, the standard's exchange protocol
+                    out = xp.from_dlpack(value, device=self._device, copy=True)
+                except Exception:
+                    out = None
+        if out is None:
+            try:
+                out = xp.asarray(value, device=self._device, copy=True)
             except Exception:
                 raise TypeError(
                     f"{fn}: cannot convert {key} ({describe(value)} {type(value).__name__}) to a "
-                    f"{xp.__name__} array on {self._device!r}"
+                    f"{library_name(xp)} array on {self._device!r}"
                 ) from None
         if not xp.isdtype(out.dtype, "real floating") and not xp.isdtype(out.dtype, "integral"):
             raise TypeError(f"{fn}: {key} must be a real numeric array, got dtype {out.dtype}")
@@ -384,7 +397,10 @@ class BatchNorm:
             raise ValueError(
                 f"BatchNorm.from_keras: weights must hold 'moving_mean', got keys {sorted(named)}"
             )
-        num_features = int(mean.shape[0]) if len(mean.shape) == 1 else -1
+        shape = tuple(getattr(mean, "shape", ()))
+        if len(shape) != 1:
+            raise ValueError(f"BatchNorm.from_keras: moving_mean must have shape (C,), got {shape}")
+        num_features = int(shape[0])
         layer = cls(
             num_features,
             axis=axis,
@@ -429,7 +445,7 @@ class BatchNorm:
         return (
             f"BatchNorm({self.num_features}, axis={self.axis}, eps={self.eps}, "
             f"momentum={self.momentum}, affine={self.affine}, "
-            f"track_running_stats={self.track_running_stats}, xp={self._xp.__name__})"
+            f"track_running_stats={self.track_running_stats}, xp={library_name(self._xp)})"
         )
 
 

@@ -177,6 +177,8 @@ def test_keras_weights_without_gamma_and_beta():
         layer.load_keras_weights({"moving_mean": np.ones(2)})
     with pytest.raises(ValueError, match="a weight list needs 4 arrays"):
         anybn.BatchNorm.from_keras([np.ones(2), np.ones(2)])
+    with pytest.raises(ValueError, match=r"moving_mean must have shape \(C,\), got \(2, 2\)"):
+        anybn.BatchNorm.from_keras({"moving_mean": np.ones((2, 2)), "moving_variance": np.ones(2)})
 
 
 def test_estimate_population_fills_running_statistics(backend):
@@ -274,3 +276,23 @@ def test_inputs_are_not_modified_by_the_layer():
     layer.backward(x)
     layer.eval()(x)
     np.testing.assert_array_equal(x, x0)
+
+
+def test_state_dict_with_live_torch_parameters_loads():
+    """torch's state_dict(keep_vars=True) holds Parameters that require grad."""
+    torch = pytest.importorskip("torch")
+    torch_bn = torch.nn.BatchNorm1d(3).double()
+    with torch.no_grad():
+        torch_bn.weight.copy_(torch.tensor([1.5, -2.0, 0.5], dtype=torch.float64))
+    layer = anybn.BatchNorm(3, dtype="float64")
+    layer.load_state_dict(torch_bn.state_dict(keep_vars=True))
+    assert isinstance(layer.weight, np.ndarray)
+    np.testing.assert_array_equal(layer.weight, [1.5, -2.0, 0.5])
+
+
+def test_unconvertible_state_value_names_the_key():
+    layer = anybn.BatchNorm(2)
+    state = {"weight": object(), "bias": np.zeros(2), "running_mean": np.zeros(2),
+             "running_var": np.ones(2), "num_batches_tracked": 0}
+    with pytest.raises(TypeError, match="weight must be a real numeric array, got dtype object"):
+        layer.load_state_dict(state)
