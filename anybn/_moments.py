@@ -7,6 +7,7 @@ these go to BLAS, which is multi-threaded and allocates no temporaries.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from ._namespace import Array, Layout, Namespace
@@ -55,7 +56,7 @@ class ShiftedMoments(NamedTuple):
     var: Array  # (C,) biased variance
 
 
-def shifted_moments(xp: Namespace, xf: Array, reducer: FeatureReducer, count: int, layout: Layout) -> ShiftedMoments:
+def shifted_moments(xp: Namespace, xf: Array, reducer: FeatureReducer, layout: Layout) -> ShiftedMoments:
     """Per-feature mean and biased variance by the corrected two-pass algorithm.
 
     The first pass gives a rough mean (the pivot). Values are then taken relative to it, so
@@ -63,6 +64,7 @@ def shifted_moments(xp: Namespace, xf: Array, reducer: FeatureReducer, count: in
     var = E[d^2] - E[d]^2 suffers no cancellation because E[d] is tiny. In float32 at
     mean/std = 1e4 this keeps the variance to ~1e-6 relative, where E[x^2] - E[x]^2 fails.
     """
+    count = layout.per_feature
     pivot = reducer.sum(xf) / count
     centered = xf - xp.reshape(pivot, layout.feature_shape)
     delta = reducer.sum(centered) / count
@@ -72,7 +74,8 @@ def shifted_moments(xp: Namespace, xf: Array, reducer: FeatureReducer, count: in
     return ShiftedMoments(centered, pivot, delta, var)
 
 
-class BatchMoments(NamedTuple):
+@dataclass(frozen=True)
+class BatchMoments:
     """Mergeable per-feature moments: a count, a mean and a sum of squared deviations."""
 
     count: int

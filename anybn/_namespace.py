@@ -44,7 +44,7 @@ class Layout(NamedTuple):
     inner: int
 
     @property
-    def count(self) -> int:
+    def per_feature(self) -> int:
         """Number of values per feature."""
         return self.outer * self.inner
 

@@ -55,7 +55,7 @@ def check(backends: Sequence[str], shape: tuple[int, ...]) -> list[dict[str, Any
     b = np.linspace(-1.0, 1.0, c).astype(np.float32)
     x64 = x.astype(np.float64).reshape(shape[0], c, -1)
     ref = _reference(x64, dy.astype(np.float64).reshape(x64.shape), w.astype(np.float64), b.astype(np.float64), 1e-5)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in backends:
         try:
             module = importlib.import_module(name)

@@ -146,10 +146,10 @@ def batch_norm_train(
     """
     fn = "batch_norm_train"
     xp, layout = _validated(fn, x, axis, eps, weight=weight, bias=bias)
-    if layout.count < 2:
+    if layout.per_feature < 2:
         raise ValueError(
             f"{fn}: expected more than 1 value per feature when training, got x.shape = "
-            f"{layout.shape} ({layout.count} value(s) per feature along axis {layout.axis})"
+            f"{layout.shape} ({layout.per_feature} value(s) per feature along axis {layout.axis})"
         )
     fast = _fast.select("train", xp, x)
     if fast is not None:
@@ -157,9 +157,7 @@ def batch_norm_train(
 
     cdt = compute_dtype(xp, x.dtype)
     reducer = FeatureReducer(xp, layout, cdt, array_api_compat.device(x))
-    buf, pivot, delta, var = shifted_moments(
-        xp, _folded(xp, x, layout, cdt), reducer, layout.count, layout
-    )
+    buf, pivot, delta, var = shifted_moments(xp, _folded(xp, x, layout, cdt), reducer, layout)
     invstd = 1.0 / xp.sqrt(var + eps)
     w = _as_dtype(xp, weight, cdt)
     scale = invstd if w is None else w * invstd
@@ -179,7 +177,7 @@ def batch_norm_train(
         has_bias=bias is not None,
         axis=layout.axis,
         eps=eps,
-        count=layout.count,
+        count=layout.per_feature,
     )
     return y, saved
 
@@ -245,7 +243,7 @@ def eval_forward(
         has_bias=bias is not None,
         axis=layout.axis,
         eps=eps,
-        count=layout.count,
+        count=layout.per_feature,
         batch_stats=False,
     )
     fast = _fast.select("eval", xp, x)

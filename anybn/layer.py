@@ -215,6 +215,7 @@ class BatchNorm:
 
     def _update_running_stats(self, saved: BatchNormSaved) -> None:
         xp = self._xp
+        assert self.running_mean is not None and self.running_var is not None
         self.num_batches_tracked += 1
         if self.momentum is None:
             factor = 1.0 / self.num_batches_tracked

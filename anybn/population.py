@@ -106,17 +106,17 @@ class PopulationStats:
                 f"{fn}: x is a {describe(x)} array on {device!r}, expected the library and "
                 f"device of the first batch ({self._device!r})"
             )
-        if layout.count < 1:
+        if layout.per_feature < 1:
             raise ValueError(f"{fn}: x has no values per feature (x.shape = {layout.shape})")
 
         cdt = compute_dtype(xp, x.dtype)
         acc = accumulation_dtype(xp, device, self._dtype)
         reducer = FeatureReducer(xp, layout, cdt, device)
         xf = xp.reshape(x if x.dtype == cdt else xp.astype(x, cdt), layout.folded_shape)
-        _, pivot, delta, var = shifted_moments(xp, xf, reducer, layout.count, layout)
+        _, pivot, delta, var = shifted_moments(xp, xf, reducer, layout)
         mean = xp.astype(pivot, acc) + xp.astype(delta, acc)
-        m2 = xp.astype(var, acc) * layout.count
-        batch = BatchMoments(layout.count, mean, m2)
+        m2 = xp.astype(var, acc) * layout.per_feature
+        batch = BatchMoments(layout.per_feature, mean, m2)
 
         if self._total is None:
             self._total, self._within_m2 = batch, m2
@@ -152,6 +152,7 @@ class PopulationStats:
                     f"{fn}: method 'paper' needs a batch with more than 1 value per feature, "
                     f"got {self._batches} batch(es) of {total.count} value(s) in all"
                 )
+            assert self._within_m2 is not None
             var = self._within_m2 / dof
         else:
             if total.count < 2:

@@ -25,6 +25,18 @@ class FastPath(Protocol):
         """Whether this path implements ``step`` ('train', 'backward', 'eval') for ``x``."""
         ...
 
+    def train(self, x: Any, weight: Any, bias: Any, *, axis: int, eps: float) -> tuple[Any, Any]:
+        """Replaces the generic training forward: returns ``(y, BatchNormSaved)``."""
+        ...
+
+    def eval(self, x: Any, mean: Any, var: Any, weight: Any, bias: Any, *, axis: int, eps: float) -> Any:
+        """Replaces the generic inference forward: returns ``y``."""
+        ...
+
+    def backward(self, dy: Any, saved: Any) -> tuple[Any, Any, Any]:
+        """Replaces the generic backward: returns ``(dx, dweight, dbias)``."""
+        ...
+
 
 _REGISTRY: tuple[FastPath, ...] = ()
 
