@@ -61,6 +61,11 @@ class BatchNormSaved:
     batch_stats : bool
         True when mean and var came from ``x`` itself (training); False when they were fixed
         (inference), so they carry no gradient.
+    pivot, delta : array of shape (C,), or None
+        The mean split in two: ``pivot``, the value ``x`` was centered on, and the small
+        ``delta = mean - pivot`` kept unrounded. Backward centers on them rather than on the
+        rounded ``mean``: at mean/std = 1e4 in float32 the rounding alone would shift
+        x-hat by up to 1e-3. None for fixed statistics, which ``mean`` holds exactly.
     """
 
     x: Array
@@ -73,6 +78,8 @@ class BatchNormSaved:
     eps: float
     count: int
     batch_stats: bool = True
+    pivot: Array | None = None
+    delta: Array | None = None
 
 
 def _folded(xp: Namespace, a: Array, layout: Layout, dtype: Any) -> Array:
@@ -178,6 +185,8 @@ def batch_norm_train(
         axis=layout.axis,
         eps=eps,
         count=layout.per_feature,
+        pivot=pivot,
+        delta=delta,
     )
     return y, saved
 
@@ -326,19 +335,27 @@ def batch_norm_backward(
     dyf = _folded(xp, dy, layout, cdt)
     w = _as_dtype(xp, saved.weight, cdt)
     k_dy = saved.invstd if w is None else w * saved.invstd  # d y / d x-hat times invstd
-    sum_dy = reducer.sum(dyf) if (saved.has_bias or saved.batch_stats) else None
+    needs_sum_dy = saved.has_bias or saved.batch_stats or saved.delta is not None
+    sum_dy = reducer.sum(dyf) if needs_sum_dy else None
 
     need_xhat = saved.batch_stats or w is not None
     if need_xhat:
-        # centered on the saved mean, not folded into x * k + c: exact at large offsets
-        centered = _folded(xp, x, layout, cdt) - xp.reshape(saved.mean, fs)
-        sum_dy_xhat = reducer.dot(dyf, centered) * saved.invstd
+        # Center on the forward pass's pivot, not fold into x * k + c: x - pivot is exact
+        # near the mean, and the small delta = mean - pivot enters through the sums only.
+        pivot = saved.mean if saved.pivot is None else saved.pivot
+        centered = _folded(xp, x, layout, cdt) - xp.reshape(pivot, fs)
+        sum_dy_centered = reducer.dot(dyf, centered)
+        if saved.delta is not None:
+            sum_dy_centered = sum_dy_centered - saved.delta * sum_dy
+        sum_dy_xhat = sum_dy_centered * saved.invstd
 
     if saved.batch_stats:
         m = saved.count
         k_centered = -k_dy * saved.invstd * sum_dy_xhat / m
         k_const = -k_dy * sum_dy / m
-        # dx = k_dy * dy + k_centered * (x - mean) + k_const, written into `centered`
+        if saved.delta is not None:
+            k_const = k_const - k_centered * saved.delta
+        # dx = k_dy * dy + k_centered * (x - pivot - delta) + k_const, written into `centered`
         centered *= xp.reshape(k_centered, fs)
         centered += dyf * xp.reshape(k_dy, fs)
         centered += xp.reshape(k_const, fs)
