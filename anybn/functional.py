@@ -351,14 +351,16 @@ def batch_norm_backward(
 
     if saved.batch_stats:
         m = saved.count
-        k_centered = -k_dy * saved.invstd * sum_dy_xhat / m
-        k_const = -k_dy * sum_dy / m
+        # dx = k_dy * (dy - mean(dy) - x-hat * mean(dy * x-hat))
+        #    = k_dy * (dy + a * (x - pivot) + b), built in `centered` with no temporary
+        a = -saved.invstd * sum_dy_xhat / m
+        b = -sum_dy / m
         if saved.delta is not None:
-            k_const = k_const - k_centered * saved.delta
-        # dx = k_dy * dy + k_centered * (x - pivot - delta) + k_const, written into `centered`
-        centered *= xp.reshape(k_centered, fs)
-        centered += dyf * xp.reshape(k_dy, fs)
-        centered += xp.reshape(k_const, fs)
+            b = b - a * saved.delta
+        centered *= xp.reshape(a, fs)
+        centered += dyf
+        centered += xp.reshape(b, fs)
+        centered *= xp.reshape(k_dy, fs)
         dx_f = centered
     else:
         dx_f = dyf * xp.reshape(k_dy, fs)

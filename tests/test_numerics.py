@@ -190,6 +190,19 @@ def test_eval_with_large_offset_statistics_matches_float64(backend, shape, axis,
     _assert_within(backend.to_numpy(y), expected, tol, "eval y")
 
 
+@pytest.mark.parametrize("shape, axis", [((1_000_003, 3), 1), ((8, 181, 181, 4), -1), ((3, 2, 350_000), 1)])
+def test_many_values_per_feature_at_large_offset(backend, shape, axis):
+    """10**5 - 10**6 values per feature at mean/std = 1e4: a one-level float32 sum of the
+    rows puts the pivot several standard deviations off (2.8e-3 error in y, seen before the
+    two-level sums); the goal (1e-4 in y, 1e-5 relative in var) must hold at this size too."""
+    x, x64 = _float32_input(backend, shape, 1e4, 1.0, seed=21)
+    y, saved = anybn.batch_norm_train(x, axis=axis)
+    mean, var = reference_moments(x64, axis)
+    np.testing.assert_allclose(backend.to_numpy(saved.var), var, rtol=1e-5)
+    err = np.abs(backend.to_numpy(y) - reference_batch_norm(x64, axis)).max()
+    assert err <= 1e-4, err
+
+
 @pytest.mark.parametrize("mean, std", OFFSETS)
 def test_naive_variance_fails_at_large_offset_where_anybn_does_not(backend, mean, std):
     """E[x^2] - E[x]^2 in float32 is useless at mean/std = 1e4: the hazard is real.
