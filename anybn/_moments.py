@@ -39,7 +39,8 @@ class FeatureReducer:
         self._xp = xp
         self._layout = layout
         self._ones_outer = xp.ones(layout.outer, dtype=dtype, device=device)
-        self._ones_inner = (
+        # unused (None) when inner == 1
+        self._ones_inner: Array = (
             xp.ones(layout.inner, dtype=dtype, device=device) if layout.inner > 1 else None
         )
 
@@ -133,7 +134,7 @@ def shifted_moments(xp: Namespace, xf: Array, reducer: FeatureReducer, layout: L
     """
     count = layout.per_feature
     pivot = reducer.pivot(xf)
-    centered = xf - xp.reshape(pivot, layout.feature_shape)
+    centered = xf - layout.broadcastable(xp, pivot)
     delta = reducer.sum(centered) / count
     var = reducer.dot(centered, centered) / count - delta * delta
     # rounding can leave -tiny when every value of a feature is equal

@@ -35,7 +35,7 @@ __all__ = ["BatchNormSaved", "batch_norm_backward", "batch_norm_eval", "batch_no
 _FOLD_MAX_OFFSET = 64.0
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False, slots=True)
 class BatchNormSaved:
     """What :func:`batch_norm_backward` needs from a forward pass.
 
@@ -85,11 +85,13 @@ class BatchNormSaved:
 def _folded(xp: Namespace, a: Array, layout: Layout, dtype: Any) -> Array:
     if a.dtype != dtype:
         a = xp.astype(a, dtype)
+    if len(layout.shape) == 2 and layout.inner == 1:
+        return a  # (N, C) is its own folded view
     return xp.reshape(a, layout.folded_shape)
 
 
 def _unfolded(xp: Namespace, buf: Array, layout: Layout, dtype: Any) -> Array:
-    y = xp.reshape(buf, layout.shape)
+    y = buf if len(layout.shape) == 2 and layout.inner == 1 else xp.reshape(buf, layout.shape)
     return y if y.dtype == dtype else xp.astype(y, dtype)
 
 
@@ -109,7 +111,7 @@ def _validated(
     xp = namespace_of(fn, x=x, **vectors)
     layout = layout_of(fn, xp, x, axis)
     for name, v in vectors.items():
-        check_feature_vector(fn, name, xp, v, layout)
+        check_feature_vector(fn, name, xp, v, layout, x.dtype)
     check_eps(fn, eps)
     return xp, layout
 
@@ -172,8 +174,8 @@ def batch_norm_train(
     shift = -delta * scale
     if bias is not None:
         shift = shift + _as_dtype(xp, bias, cdt)
-    buf *= xp.reshape(scale, layout.feature_shape)
-    buf += xp.reshape(shift, layout.feature_shape)
+    buf *= layout.broadcastable(xp, scale)
+    buf += layout.broadcastable(xp, shift)
     y = _unfolded(xp, buf, layout, x.dtype)
     saved = BatchNormSaved(
         x=x,
@@ -263,16 +265,16 @@ def eval_forward(
     scale = invstd if w is None else w * invstd
     b = _as_dtype(xp, bias, cdt)
     xf = _folded(xp, x, layout, cdt)
-    scale_f = xp.reshape(scale, layout.feature_shape)
+    scale_f = layout.broadcastable(xp, scale)
     if _fold_is_precise(xp, x, mean, invstd):
         shift = -mean * scale if b is None else b - mean * scale
         buf = xf * scale_f
-        buf += xp.reshape(shift, layout.feature_shape)
+        buf += layout.broadcastable(xp, shift)
     else:
-        buf = xf - xp.reshape(mean, layout.feature_shape)
+        buf = xf - layout.broadcastable(xp, mean)
         buf *= scale_f
         if b is not None:
-            buf += xp.reshape(b, layout.feature_shape)
+            buf += layout.broadcastable(xp, b)
     return _unfolded(xp, buf, layout, x.dtype), saved
 
 
@@ -330,7 +332,6 @@ def batch_norm_backward(
         return fast.backward(dy, saved)
 
     cdt = compute_dtype(xp, x.dtype)
-    fs = layout.feature_shape
     reducer = FeatureReducer(xp, layout, cdt, array_api_compat.device(x))
     dyf = _folded(xp, dy, layout, cdt)
     w = _as_dtype(xp, saved.weight, cdt)
@@ -343,13 +344,14 @@ def batch_norm_backward(
         # Center on the forward pass's pivot, not fold into x * k + c: x - pivot is exact
         # near the mean, and the small delta = mean - pivot enters through the sums only.
         pivot = saved.mean if saved.pivot is None else saved.pivot
-        centered = _folded(xp, x, layout, cdt) - xp.reshape(pivot, fs)
+        centered = _folded(xp, x, layout, cdt) - layout.broadcastable(xp, pivot)
         sum_dy_centered = reducer.dot(dyf, centered)
         if saved.delta is not None:
             sum_dy_centered = sum_dy_centered - saved.delta * sum_dy
         sum_dy_xhat = sum_dy_centered * saved.invstd
 
     if saved.batch_stats:
+        assert sum_dy is not None
         m = saved.count
         # dx = k_dy * (dy - mean(dy) - x-hat * mean(dy * x-hat))
         #    = k_dy * (dy + a * (x - pivot) + b), built in `centered` with no temporary
@@ -357,13 +359,13 @@ def batch_norm_backward(
         b = -sum_dy / m
         if saved.delta is not None:
             b = b - a * saved.delta
-        centered *= xp.reshape(a, fs)
+        centered *= layout.broadcastable(xp, a)
         centered += dyf
-        centered += xp.reshape(b, fs)
-        centered *= xp.reshape(k_dy, fs)
+        centered += layout.broadcastable(xp, b)
+        centered *= layout.broadcastable(xp, k_dy)
         dx_f = centered
     else:
-        dx_f = dyf * xp.reshape(k_dy, fs)
+        dx_f = dyf * layout.broadcastable(xp, k_dy)
 
     dx = _unfolded(xp, dx_f, layout, x.dtype)
     dweight = sum_dy_xhat if w is not None else None
