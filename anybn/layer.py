@@ -7,7 +7,7 @@ from typing import Any
 
 import array_api_compat
 
-from ._namespace import Array, describe, library_name, namespace_from_module
+from ._namespace import Array, describe, library_name, namespace_from_module, namespace_of
 from .functional import BatchNormSaved, batch_norm_backward, batch_norm_train, eval_forward
 from .population import Method, PopulationStats
 
@@ -165,13 +165,7 @@ class BatchNorm:
 
     def _check_input(self, x: Array) -> None:
         fn = "BatchNorm"
-        try:
-            xp = array_api_compat.array_namespace(x)
-        except TypeError:
-            raise TypeError(
-                f"{fn}: x must be an array of an array-API library, got {type(x).__name__}"
-            ) from None
-        if xp is not self._xp:
+        if namespace_of(fn, x=x) is not self._xp:
             raise TypeError(
                 f"{fn}: x is a {describe(x)} array but the parameters are {library_name(self._xp)} "
                 f"arrays; create the layer with xp= the library of x"

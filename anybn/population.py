@@ -13,6 +13,7 @@ from ._namespace import (
     compute_dtype,
     describe,
     layout_of,
+    namespace_of,
 )
 
 __all__ = ["PopulationStats"]
@@ -85,12 +86,7 @@ class PopulationStats:
         Returns ``self``. All batches must share one namespace and device.
         """
         fn = "PopulationStats.update"
-        try:
-            xp = array_api_compat.array_namespace(x)
-        except TypeError:
-            raise TypeError(
-                f"{fn}: x must be an array of an array-API library, got {type(x).__name__}"
-            ) from None
+        xp = namespace_of(fn, x=x)
         layout = layout_of(fn, xp, x, self.axis)
         if layout.features != self.num_features:
             raise ValueError(

@@ -10,10 +10,17 @@ def _reduce_axes(ndim: int, axis: int) -> tuple[int, ...]:
     return tuple(i for i in range(ndim) if i != axis)
 
 
-def _bcast(v: np.ndarray, ndim: int, axis: int) -> np.ndarray:
+def bcast(v: np.ndarray, ndim: int, axis: int) -> np.ndarray:
+    """A (C,) vector shaped to broadcast along ``axis`` of an ``ndim``-dimensional array."""
     shape = [1] * ndim
     shape[axis % ndim] = -1
     return np.asarray(v, dtype=np.float64).reshape(shape)
+
+
+def features_last(a, axis: int) -> np.ndarray:
+    """(m, C) float64 view of an array: one column per feature."""
+    a = np.moveaxis(np.asarray(a, dtype=np.float64), axis, -1)
+    return a.reshape(-1, a.shape[-1])
 
 
 def make_data(shape, *, mean=0.0, std=1.0, seed=0) -> np.ndarray:
@@ -27,7 +34,7 @@ def reference_moments(x: np.ndarray, axis: int):
     x = np.asarray(x, dtype=np.float64)
     axes = _reduce_axes(x.ndim, axis)
     mean = x.mean(axis=axes)
-    var = ((x - _bcast(mean, x.ndim, axis)) ** 2).mean(axis=axes)
+    var = ((x - bcast(mean, x.ndim, axis)) ** 2).mean(axis=axes)
     return mean, var
 
 
@@ -36,11 +43,11 @@ def reference_batch_norm(x, axis=1, weight=None, bias=None, eps=1e-5, mean=None,
     x = np.asarray(x, dtype=np.float64)
     if mean is None:
         mean, var = reference_moments(x, axis)
-    y = (x - _bcast(mean, x.ndim, axis)) / np.sqrt(_bcast(var, x.ndim, axis) + eps)
+    y = (x - bcast(mean, x.ndim, axis)) / np.sqrt(bcast(var, x.ndim, axis) + eps)
     if weight is not None:
-        y = y * _bcast(weight, x.ndim, axis)
+        y = y * bcast(weight, x.ndim, axis)
     if bias is not None:
-        y = y + _bcast(bias, x.ndim, axis)
+        y = y + bcast(bias, x.ndim, axis)
     return y
 
 
@@ -51,11 +58,11 @@ def reference_backward(x, dy, axis=1, weight=None, eps=1e-5):
     axes = _reduce_axes(x.ndim, axis)
     m = x.size // x.shape[axis % x.ndim]
     mean, var = reference_moments(x, axis)
-    mu = _bcast(mean, x.ndim, axis)
+    mu = bcast(mean, x.ndim, axis)
     xmu = x - mu
-    ivar = 1.0 / np.sqrt(_bcast(var, x.ndim, axis) + eps)
+    ivar = 1.0 / np.sqrt(bcast(var, x.ndim, axis) + eps)
     xhat = xmu * ivar
-    w = 1.0 if weight is None else _bcast(weight, x.ndim, axis)
+    w = 1.0 if weight is None else bcast(weight, x.ndim, axis)
     dbias = dy.sum(axis=axes)
     dweight = (dy * xhat).sum(axis=axes)
     dxhat = dy * w

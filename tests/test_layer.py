@@ -296,3 +296,10 @@ def test_unconvertible_state_value_names_the_key():
              "running_var": np.ones(2), "num_batches_tracked": 0}
     with pytest.raises(TypeError, match="weight must be a real numeric array, got dtype object"):
         layer.load_state_dict(state)
+
+
+def test_non_array_input_is_rejected():
+    with pytest.raises(TypeError, match="BatchNorm: x must be an array of an array-API library, got list"):
+        anybn.BatchNorm(2)([[1.0, 2.0], [3.0, 4.0]])
+    with pytest.raises(TypeError, match="PopulationStats.update: x must be an array of an array-API library"):
+        anybn.PopulationStats(2).update([[1.0, 2.0]])

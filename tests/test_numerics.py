@@ -11,7 +11,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from reference import make_data, reference_backward, reference_batch_norm, reference_moments
+from reference import (
+    bcast,
+    features_last,
+    make_data,
+    reference_backward,
+    reference_batch_norm,
+    reference_moments,
+)
 
 import anybn
 
@@ -22,16 +29,6 @@ LAYOUTS = [((64, 8), 1), ((4, 8, 6, 6), 1), ((4, 6, 6, 8), -1)]
 OFFSETS = [(1e4, 1.0), (1e5, 10.0)]  # (mean, std): mean/std = 1e4 either way
 
 
-def _features_last(a, axis):
-    """(m, C) float64 view: one column per feature."""
-    a = np.moveaxis(np.asarray(a, dtype=np.float64), axis, -1)
-    return a.reshape(-1, a.shape[-1])
-
-
-def _bcast(v, ndim, axis):
-    shape = [1] * ndim
-    shape[axis % ndim] = -1
-    return np.asarray(v, dtype=np.float64).reshape(shape)
 
 
 def _count(shape, axis):
@@ -129,8 +126,8 @@ def _backward_reference_and_tolerance(x64, g64, w64, axis, eps):
     mean, var = reference_moments(x64, axis)
     invstd = 1.0 / np.sqrt(var + eps)
     delta = 2 * m * U32 + U32 * m * U32 * np.abs(mean) * invstd
-    xhat = _features_last(x64 - _bcast(mean, x64.ndim, axis), axis) * invstd
-    g = _features_last(g64, axis)
+    xhat = features_last(x64 - bcast(mean, x64.ndim, axis), axis) * invstd
+    g = features_last(g64, axis)
     mg, mgx = g.mean(0), (g * xhat).mean(0)
     k = np.abs(w64 * invstd)
     r = 4 * m * U32
@@ -154,7 +151,7 @@ def test_backward_at_large_offset_matches_float64(backend, shape, axis, mean, st
     (rdx, rdw, rdb), (tol_dx, tol_dw, tol_db) = _backward_reference_and_tolerance(
         x64, g32.astype(np.float64), w64, axis, 1e-5
     )
-    dx_f, rdx_f = _features_last(backend.to_numpy(dx), axis), _features_last(rdx, axis)
+    dx_f, rdx_f = features_last(backend.to_numpy(dx), axis), features_last(rdx, axis)
     _assert_within(dx_f, rdx_f, tol_dx, "dx")
     _assert_within(backend.to_numpy(dw), rdw, tol_dw, "dweight")
     _assert_within(backend.to_numpy(db), rdb, tol_db, "dbias")
@@ -180,13 +177,13 @@ def test_eval_with_large_offset_statistics_matches_float64(backend, shape, axis,
     if fold:
         # mean/std <= 64: y = x * scale + shift rounds on the scale of |x| * scale and
         # |mean| * scale (<= 64 + a few), three roundings in all, plus the output
-        scale = _bcast(np.abs(w64) / np.sqrt(var64 + 1e-5), x64.ndim, axis)
-        magnitude = (np.abs(x64) + _bcast(np.abs(mean64), x64.ndim, axis)) * scale
+        scale = bcast(np.abs(w64) / np.sqrt(var64 + 1e-5), x64.ndim, axis)
+        magnitude = (np.abs(x64) + bcast(np.abs(mean64), x64.ndim, axis)) * scale
         tol = 4 * U32 * (magnitude + np.abs(expected))
     else:
         # mean/std = 1e4: x - mean is exact (Sterbenz: within a factor 2 of each other);
         # scale = w / sqrt(var + eps) takes four roundings, the product and + bias two more
-        tol = 8 * U32 * (np.abs(expected) + _bcast(np.abs(b64), x64.ndim, axis))
+        tol = 8 * U32 * (np.abs(expected) + bcast(np.abs(b64), x64.ndim, axis))
     _assert_within(backend.to_numpy(y), expected, tol, "eval y")
 
 
@@ -258,33 +255,33 @@ def test_half_precision_computes_in_float32_and_returns_the_input_dtype(
     m = _count(shape, axis)
     u = UNIT_ROUNDOFF[dtype_name]
     ref_mean, ref_var = reference_moments(x64, axis)
-    xhat = _features_last(x64 - _bcast(ref_mean, x64.ndim, axis), axis) / np.sqrt(ref_var + 1e-5)
-    g = _features_last(g64, axis)
+    xhat = features_last(x64 - bcast(ref_mean, x64.ndim, axis), axis) / np.sqrt(ref_var + 1e-5)
+    g = features_last(g64, axis)
     # float32 compute error: reductions of m terms, <= m*u32 relative each, on the scale
     # of the values (R = 4*m*u32: mean, variance, then the normalization)
     r = 4 * m * U32
-    kappa = np.abs(_features_last(x64, axis)).max(0) * np.sqrt(1 / (ref_var + 1e-5))
+    kappa = np.abs(features_last(x64, axis)).max(0) * np.sqrt(1 / (ref_var + 1e-5))
 
     # y and dx are computed in float32, then rounded once to the input dtype: error
     # <= u * |value| (round to nearest) + the float32 error
-    ry = _features_last(reference_batch_norm(x64, axis, w64, b64), axis)
+    ry = features_last(reference_batch_norm(x64, axis, w64, b64), axis)
     tol_y = u * np.abs(ry) + r * (np.abs(w64) * (1 + kappa + np.abs(xhat)) + np.abs(b64))
-    _assert_within(_features_last(backend.to_numpy(y), axis), ry, tol_y, f"{dtype_name} y")
+    _assert_within(features_last(backend.to_numpy(y), axis), ry, tol_y, f"{dtype_name} y")
 
     rdx, rdw, rdb = reference_backward(x64, g64, axis, w64)
-    rdx = _features_last(rdx, axis)
+    rdx = features_last(rdx, axis)
     k = np.abs(w64) / np.sqrt(ref_var + 1e-5)
     mg, mgx = np.abs(g.mean(0)), np.abs((g * xhat).mean(0))
     tol_dx = u * np.abs(rdx) + r * k * (np.abs(g) + mg + np.abs(xhat) * mgx) * (1 + kappa)
-    _assert_within(_features_last(backend.to_numpy(dx), axis), rdx, tol_dx, f"{dtype_name} dx")
+    _assert_within(features_last(backend.to_numpy(dx), axis), rdx, tol_dx, f"{dtype_name} dx")
 
     # inference with float32 statistics: the same single rounding of a float32 result
     ye = anybn.batch_norm_eval(x, saved.mean, saved.var, w, b, axis=axis)
     assert ye.dtype == dtype
-    _assert_within(_features_last(backend.to_numpy(ye), axis), ry, tol_y, f"{dtype_name} eval y")
+    _assert_within(features_last(backend.to_numpy(ye), axis), ry, tol_y, f"{dtype_name} eval y")
 
     # float32 results: only the float32 error
-    xmax, gsum = np.abs(_features_last(x64, axis)).max(0), np.abs(g).sum(0)
+    xmax, gsum = np.abs(features_last(x64, axis)).max(0), np.abs(g).sum(0)
     _assert_within(backend.to_numpy(saved.mean), ref_mean, r * xmax, "mean")
     _assert_within(backend.to_numpy(saved.var), ref_var, r * ref_var * (1 + kappa), "var")
     tol_dw = r * (1 + kappa) * np.abs(g * xhat).sum(0) + r * gsum
@@ -343,7 +340,7 @@ def test_constant_features_give_zero_variance_and_the_bias(backend, dtype_name, 
     np.testing.assert_allclose(results["invstd"][const], 1 / np.sqrt(eps), rtol=4 * U32)
     # y = w * invstd * residual + bias, rounded once to the input dtype
     u_out = UNIT_ROUNDOFF[dtype_name]
-    y_const = _features_last(results["y"], axis)[:, const]
+    y_const = features_last(results["y"], axis)[:, const]
     tol_y = np.abs(w64[const]) / np.sqrt(eps) * 2 * resid + u_out * np.abs(b64[const])
     assert np.all(np.abs(y_const - b64[const]) <= tol_y), np.abs(y_const - b64[const]).max(0)
     # running var: (1 - 0.1) * 1 + 0.1 * 0, a few roundings
@@ -351,18 +348,18 @@ def test_constant_features_give_zero_variance_and_the_bias(backend, dtype_name, 
 
     # backward: x-hat = 0 on constant features, so dx = k * (g - mean(g)) and dweight = 0
     rdx, rdw, rdb = reference_backward(x64, g64, axis, w64, eps)
-    g = _features_last(g64, axis)[:, const]
+    g = features_last(g64, axis)[:, const]
     k = np.abs(w64[const]) / np.sqrt(eps)
     r = 4 * m * U32
-    rdx_const = _features_last(rdx, axis)[:, const]
+    rdx_const = features_last(rdx, axis)[:, const]
     tol_dx = u_out * np.abs(rdx_const) + r * k * (np.abs(g) + np.abs(g.mean(0)))
-    _assert_within(_features_last(results["dx"], axis)[:, const], rdx_const, tol_dx, "dx")
+    _assert_within(features_last(results["dx"], axis)[:, const], rdx_const, tol_dx, "dx")
     # dweight = invstd * (sum(g * d) - delta * sum(g)) with d = x - pivot the same for all m
     # values and delta = d up to m*u32*|d|: the two terms cancel to within
     # invstd * 2*m*u32 * |d| * sum|g| (exactly 0 where the pivot is exact, as on NumPy)
     tol_dw = k / np.abs(w64[const]) * 2 * m * U32 * d * np.abs(g).sum(0)
     assert np.all(np.abs(results["dweight"][const]) <= tol_dw), results["dweight"][const]
-    _assert_within(results["dbias"], rdb, r * np.abs(_features_last(g64, axis)).sum(0), "dbias")
+    _assert_within(results["dbias"], rdb, r * np.abs(features_last(g64, axis)).sum(0), "dbias")
 
 
 def test_eval_with_zero_variance_statistics_gives_the_bias(backend):

@@ -12,7 +12,7 @@ import numpy as np
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-from reference import reference_moments
+from reference import bcast, features_last, reference_moments
 
 import anybn
 
@@ -59,20 +59,10 @@ def moderate_arrays(shape, bound=100.0):
 # -- per-feature helpers ------------------------------------------------------------------
 
 
-def _features_last(a, axis):
-    """(m, C) view of an array: one column per feature."""
-    a = np.moveaxis(np.asarray(a, dtype=np.float64), axis, -1)
-    return a.reshape(-1, a.shape[-1])
-
-
-def _bcast(v, ndim, axis):
-    shape = [1] * ndim
-    shape[axis % ndim] = -1
-    return np.asarray(v, dtype=np.float64).reshape(shape)
 
 
 def _non_constant(x, axis):
-    return bool(np.all(np.ptp(_features_last(x, axis), axis=0) > 0))
+    return bool(np.all(np.ptp(features_last(x, axis), axis=0) > 0))
 
 
 def _forward_error_bound(x, axis, eps):
@@ -85,7 +75,7 @@ def _forward_error_bound(x, axis, eps):
     invstd and so y by <= m*u*|y|, |y| <= sqrt(m). The final scale and shift add a few u.
     A factor 4 covers the two passes and the last operations.
     """
-    xc = _features_last(x, axis)
+    xc = features_last(x, axis)
     m = xc.shape[0]
     _, var = reference_moments(x, axis)
     kappa = np.abs(xc).max(axis=0) / np.sqrt(var + eps)
@@ -104,25 +94,25 @@ def test_train_is_invariant_to_per_feature_shift_and_positive_scale(data):
     _, var = reference_moments(x, axis)
     # variance bounded away from 0 relative to the values: kappa <= 1e3 keeps the
     # comparison about the algorithm, not about inputs that are constant to 13 digits
-    assume(np.all(np.sqrt(var) >= 1e-3 * np.maximum(1.0, np.abs(_features_last(x, axis)).max(0))))
+    assume(np.all(np.sqrt(var) >= 1e-3 * np.maximum(1.0, np.abs(features_last(x, axis)).max(0))))
     a = data.draw(hnp.arrays(np.float64, c, elements=st.floats(1e-2, 1e2)))
     shift = data.draw(hnp.arrays(np.float64, c, elements=st.floats(-1e3, 1e3)))
     eps = data.draw(st.sampled_from(EPS_CHOICES))
 
-    x2 = x * _bcast(a, x.ndim, axis) + _bcast(shift, x.ndim, axis)
+    x2 = x * bcast(a, x.ndim, axis) + bcast(shift, x.ndim, axis)
     y1, _ = anybn.batch_norm_train(x, axis=axis, eps=eps)
     y2, _ = anybn.batch_norm_train(x2, axis=axis, eps=eps)
 
     # With eps = 0 the map is exactly invariant. With eps, y = xhat0 * sigma/sqrt(sigma^2 + eps)
     # and y2 = xhat0 * sigma/sqrt(sigma^2 + eps/a^2): y2 = y * ratio, computed here exactly.
     ratio = np.sqrt(var + eps) / np.sqrt(var + eps / a**2)
-    expected = y1 * _bcast(ratio, x.ndim, axis)
+    expected = y1 * bcast(ratio, x.ndim, axis)
     # Rounding: y1 and y2 each carry their forward error bound (y2's includes the rounding
     # of a*x + c, two operations of <= u*|x2| each, well inside m*u*kappa(x2)), and the
     # product with ratio adds 2*u*|y|.
     bound = _forward_error_bound(x, axis, eps) + _forward_error_bound(x2, axis, eps)
     err = np.abs(y2 - expected) - 2 * U * np.abs(expected)
-    assert np.all(_features_last(err, axis) <= bound), (np.abs(y2 - expected).max(), bound)
+    assert np.all(features_last(err, axis) <= bound), (np.abs(y2 - expected).max(), bound)
 
 
 @FAST
@@ -131,11 +121,11 @@ def test_train_output_has_zero_mean_and_shrunk_unit_variance(data):
     shape, axis = data.draw(layouts())
     x = data.draw(moderate_arrays(shape))
     _, var = reference_moments(x, axis)
-    assume(np.all(np.sqrt(var) >= 1e-3 * np.maximum(1.0, np.abs(_features_last(x, axis)).max(0))))
+    assume(np.all(np.sqrt(var) >= 1e-3 * np.maximum(1.0, np.abs(features_last(x, axis)).max(0))))
     eps = data.draw(st.sampled_from(EPS_CHOICES))
 
     y, _ = anybn.batch_norm_train(x, axis=axis, eps=eps)
-    yc = _features_last(y, axis)
+    yc = features_last(y, axis)
     m = yc.shape[0]
     e = _forward_error_bound(x, axis, eps)  # per-value error of y
     ymax = np.abs(yc).max(axis=0)
@@ -168,9 +158,9 @@ def _third_derivative(x, g, w, axis, eps):
     """
     m = x.size // x.shape[axis]
     mean, var = reference_moments(x, axis)
-    s = _bcast(np.sqrt(var + eps), x.ndim, axis)
-    xhat = (x - _bcast(mean, x.ndim, axis)) / s
-    gw = g * _bcast(w, x.ndim, axis)
+    s = bcast(np.sqrt(var + eps), x.ndim, axis)
+    xhat = (x - bcast(mean, x.ndim, axis)) / s
+    gw = g * bcast(w, x.ndim, axis)
     reduce = tuple(i for i in range(x.ndim) if i != axis % x.ndim)
     s1 = np.sum(gw * xhat, axis=reduce, keepdims=True)
     s2 = gw - np.mean(gw, axis=reduce, keepdims=True)
@@ -186,9 +176,9 @@ def _loss_rounding(x, g, w, b, axis, eps):
     the scale |w * y| + |b|; the final sum of n products adds <= n*u*sum|g|*(|w * y| + |b|).
     |y| <= sqrt(m - 1) for the biased variance.
     """
-    e = _bcast(_forward_error_bound(x, axis, eps), x.ndim, axis)
-    wb = _bcast(np.abs(w) + H, x.ndim, axis)
-    bb = _bcast(np.abs(b) + H, x.ndim, axis)
+    e = bcast(_forward_error_bound(x, axis, eps), x.ndim, axis)
+    wb = bcast(np.abs(w) + H, x.ndim, axis)
+    bb = bcast(np.abs(b) + H, x.ndim, axis)
     out_scale = wb * np.sqrt(x.size // x.shape[axis]) + bb
     return float(np.sum(np.abs(g) * (wb * e + (2 + x.size) * U * out_scale)))
 
@@ -230,7 +220,7 @@ def test_train_backward_matches_central_finite_differences(problem):
     m = x.size // x.shape[axis]
     _, var = reference_moments(x, axis)
     e = _forward_error_bound(x, axis, eps)
-    gc = np.abs(_features_last(g, axis))
+    gc = np.abs(features_last(g, axis))
     err_db = m * U * gc.sum(0)
     err_dw = gc.sum(0) * (e + m * U * np.sqrt(m))
     err_dx = 4 * e * np.abs(w) / np.sqrt(var + eps) * gc.max(0) * (1 + np.sqrt(m)) ** 2
@@ -248,7 +238,7 @@ def test_train_backward_matches_central_finite_differences(problem):
         fd[i] = (loss(xp_, w, b) - loss(xm_, w, b)) / (2 * H)
         l3_ends = [abs(_third_derivative(x_, g, w, axis, eps)[i]) for x_ in (xp_, xm_)]
         trunc[i] = 2 * H**2 / 6 * max(l3[i], *l3_ends)
-    tol = trunc + r / H + _bcast(err_dx, x.ndim, axis)
+    tol = trunc + r / H + bcast(err_dx, x.ndim, axis)
     assert np.all(np.abs(dx - fd) <= tol), np.abs(dx - fd).max()
 
     # dweight, dbias: L is linear in them, so the central difference has no truncation error
@@ -294,12 +284,12 @@ def test_eval_backward_matches_central_finite_differences(problem):
     # weights are perturbed by h), so each loss is off by <= 8*u*sum|g|*ymax + n*u*sum|g|*ymax
     # (the final sum of n products), and a central difference by that over h.
     invstd = 1 / np.sqrt(running_var + eps)
-    xhat_max = (np.abs(_features_last(x, axis)).max(0) + np.abs(running_mean)) * invstd
+    xhat_max = (np.abs(features_last(x, axis)).max(0) + np.abs(running_mean)) * invstd
     ymax = xhat_max * (np.abs(w) + H) + np.abs(b) + H
     n = x.size
-    r = (8 + n) * U * np.sum(np.abs(g) * _bcast(ymax, x.ndim, axis))
+    r = (8 + n) * U * np.sum(np.abs(g) * bcast(ymax, x.ndim, axis))
     # dweight = sum(g * xhat) and dbias = sum(g) are themselves sums of m terms
-    gsum = np.abs(_features_last(g, axis)).sum(0)
+    gsum = np.abs(features_last(g, axis)).sum(0)
     err_grad = {"weight": 2 * x.size * U * gsum * (1 + xhat_max), "bias": x.size * U * gsum}
     fd = np.empty_like(x)
     for i in np.ndindex(x.shape):
@@ -309,7 +299,7 @@ def test_eval_backward_matches_central_finite_differences(problem):
         fd[i] = (loss(xp_) - loss(xm_)) / (2 * H)
     assert np.all(np.abs(dx - fd) <= r / H), np.abs(dx - fd).max()
     # the analytic dx = dy * w * invstd: two roundings
-    np.testing.assert_allclose(dx, g * _bcast(w * invstd, x.ndim, axis), rtol=4 * U, atol=0)
+    np.testing.assert_allclose(dx, g * bcast(w * invstd, x.ndim, axis), rtol=4 * U, atol=0)
 
     # dweight, dbias through the layer's parameters
     for k in range(c):
@@ -360,7 +350,7 @@ def _population_bound(x, axis, k):
     the bound also covers the reference's own rounding, e.g. np.var of a constant feature
     is (n*u*|x|)^2 rather than 0.)
     """
-    xc = _features_last(x, axis)
+    xc = features_last(x, axis)
     n = xc.shape[0]
     xmax = np.abs(xc).max(0)
     spread = np.abs(xc - xc.mean(0)).max(0) + n * U * xmax
@@ -391,7 +381,7 @@ def test_pooled_equals_the_statistics_of_the_concatenation_in_any_order(split, o
     batches, axis = split
     x = np.concatenate(batches, axis=0)
     assume(x.size // x.shape[axis] >= 2)
-    xc = _features_last(x, axis)
+    xc = features_last(x, axis)
     tol_mean, tol_var = _population_bound(x, axis, len(batches))
 
     mean, var = _result(batches, axis, "pooled")
@@ -411,8 +401,8 @@ def test_paper_equals_pooled_within_batch_variance(split):
     batches, axis = split
     counts = np.array([b.size // b.shape[axis] for b in batches], dtype=np.float64)
     assume(np.sum(counts - 1) >= 1)
-    means = np.array([_features_last(b, axis).mean(axis=0) for b in batches])
-    variances = np.array([_features_last(b, axis).var(axis=0) for b in batches])  # biased
+    means = np.array([features_last(b, axis).mean(axis=0) for b in batches])
+    variances = np.array([features_last(b, axis).var(axis=0) for b in batches])  # biased
     x = np.concatenate(batches, axis=0)
     tol_mean, tol_var = _population_bound(x, axis, len(batches))
 
@@ -429,8 +419,8 @@ def test_paper_with_equal_batches_is_m_over_m_minus_1_times_mean_batch_variance(
     batches, axis = split
     m = batches[0].size // batches[0].shape[axis]
     assume(m >= 2)
-    variances = [_features_last(b, axis).var(axis=0) for b in batches]
-    means = [_features_last(b, axis).mean(axis=0) for b in batches]
+    variances = [features_last(b, axis).var(axis=0) for b in batches]
+    means = [features_last(b, axis).mean(axis=0) for b in batches]
     x = np.concatenate(batches, axis=0)
     tol_mean, tol_var = _population_bound(x, axis, len(batches))
     counts = np.full(len(batches), float(m))
