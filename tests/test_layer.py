@@ -299,7 +299,7 @@ def test_unconvertible_state_value_names_the_key():
 
 
 def test_non_array_input_is_rejected():
-    with pytest.raises(TypeError, match="BatchNorm: x must be an array of an array-API library, got list"):
+    with pytest.raises(TypeError, match=r"BatchNorm: x must be an array of an array-API library \(numpy, .*\), got list"):
         anybn.BatchNorm(2)([[1.0, 2.0], [3.0, 4.0]])
     with pytest.raises(TypeError, match="PopulationStats.update: x must be an array of an array-API library"):
         anybn.PopulationStats(2).update([[1.0, 2.0]])
