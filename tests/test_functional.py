@@ -268,3 +268,13 @@ def test_backward_checks_its_inputs():
         anybn.batch_norm_backward(np.ones((6, 4)), saved)
     with pytest.raises(TypeError, match="dy must have a real floating dtype"):
         anybn.batch_norm_backward(np.ones((6, 3), dtype=np.int32), saved)
+
+
+@pytest.mark.parametrize("shape, axis", LAYOUTS)
+def test_saved_state_keeps_nothing_the_size_of_x(shape, axis):
+    x = make_data(shape, seed=13)
+    w = np.ones(shape[axis])
+    _, saved = anybn.batch_norm_train(x, w, w, axis=axis)
+    assert saved.x is x
+    for name in ("mean", "invstd", "var", "pivot", "delta", "weight"):
+        assert getattr(saved, name).shape == (shape[axis],), name
