@@ -151,9 +151,9 @@ def batch_norm_train(
     -----
     Statistics are sums of values shifted by a pivot near the mean (the mean of the leading
     1/64 of the batch), summed in two levels beyond 8192 terms, so a float32 input with
-    mean/std = 1e4 normalizes to within 1e-4 of a float64 computation. x is read twice (the
-    pivot's part once more), y is written once and updated in place. float16 and bfloat16
-    are accumulated in float32.
+    mean/std = 1e4 normalizes to within 1e-4 of a float64 computation. x is read once (its
+    leading 1/64 once more, for the pivot); y is written once as x - pivot, read by the
+    two reductions and finished in place. float16 and bfloat16 are accumulated in float32.
     """
     fn = "batch_norm_train"
     xp, layout = _validated(fn, x, axis, eps, weight=weight, bias=bias)
