@@ -35,6 +35,14 @@ class FeatureReducer:
 
     __slots__ = ("_xp", "_layout", "_ones_outer", "_ones_inner")
 
+    @property
+    def xp(self) -> Namespace:
+        return self._xp
+
+    @property
+    def layout(self) -> Layout:
+        return self._layout
+
     def __init__(self, xp: Namespace, layout: Layout, dtype, device) -> None:
         self._xp = xp
         self._layout = layout
@@ -122,7 +130,7 @@ class ShiftedMoments(NamedTuple):
     var: Array  # (C,) biased variance
 
 
-def shifted_moments(xp: Namespace, xf: Array, reducer: FeatureReducer, layout: Layout) -> ShiftedMoments:
+def shifted_moments(reducer: FeatureReducer, xf: Array) -> ShiftedMoments:
     """Per-feature mean and biased variance by the shifted-data algorithm.
 
     Values are taken relative to a pivot near the mean (the mean of a small leading part
@@ -132,6 +140,7 @@ def shifted_moments(xp: Namespace, xf: Array, reducer: FeatureReducer, layout: L
     to ~1e-6 relative, where E[x^2] - E[x]^2 is off by orders of magnitude. One pass
     writes the centered buffer, two read it: x itself is read once.
     """
+    xp, layout = reducer.xp, reducer.layout
     count = layout.per_feature
     pivot = reducer.pivot(xf)
     centered = xf - layout.broadcastable(xp, pivot)

@@ -19,7 +19,9 @@ __all__ = [
     "Layout",
     "Namespace",
     "accumulation_dtype",
+    "check_axis_type",
     "check_eps",
+    "check_num_features",
     "check_feature_vector",
     "compute_dtype",
     "describe",
@@ -153,8 +155,7 @@ def layout_of(fn: str, xp: Namespace, x: Array, axis: int) -> Layout:
         raise ValueError(
             f"{fn}: x must have at least 2 dimensions (N, C, ...), got x.shape = {shape}"
         )
-    if isinstance(axis, bool) or not isinstance(axis, int):
-        raise TypeError(f"{fn}: axis must be an int, got {type(axis).__name__}")
+    check_axis_type(fn, axis)
     if not -ndim <= axis < ndim:
         raise ValueError(
             f"{fn}: axis={axis} is out of range for x with {ndim} dimensions "
@@ -183,6 +184,16 @@ def check_feature_vector(
             f"{fn}: {name} has shape {tuple(a.shape)}, expected ({layout.features},) = the size "
             f"of x along axis {layout.axis} (x.shape = {layout.shape})"
         )
+
+
+def check_axis_type(fn: str, axis: int) -> None:
+    if isinstance(axis, bool) or not isinstance(axis, int):
+        raise TypeError(f"{fn}: axis must be an int, got {type(axis).__name__}")
+
+
+def check_num_features(fn: str, num_features: int) -> None:
+    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+        raise ValueError(f"{fn}: num_features must be a positive int, got {num_features!r}")
 
 
 def check_eps(fn: str, eps: float) -> None:

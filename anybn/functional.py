@@ -168,7 +168,7 @@ def batch_norm_train(
 
     cdt = compute_dtype(xp, x.dtype)
     reducer = FeatureReducer(xp, layout, cdt, array_api_compat.device(x))
-    buf, pivot, delta, var = shifted_moments(xp, _folded(xp, x, layout, cdt), reducer, layout)
+    buf, pivot, delta, var = shifted_moments(reducer, _folded(xp, x, layout, cdt))
     invstd = 1.0 / xp.sqrt(var + eps)
     w = _as_dtype(xp, weight, cdt)
     scale = invstd if w is None else w * invstd

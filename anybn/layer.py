@@ -7,7 +7,16 @@ from typing import Any
 
 import array_api_compat
 
-from ._namespace import Array, describe, library_name, namespace_from_module, namespace_of
+from ._namespace import (
+    Array,
+    check_axis_type,
+    check_eps,
+    check_num_features,
+    describe,
+    library_name,
+    namespace_from_module,
+    namespace_of,
+)
 from .functional import BatchNormSaved, batch_norm_backward, batch_norm_train, eval_forward
 from .population import Method, PopulationStats
 
@@ -74,14 +83,9 @@ class BatchNorm:
         dtype: Any = None,
     ) -> None:
         fn = "BatchNorm"
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(f"{fn}: num_features must be a positive int, got {num_features!r}")
-        if isinstance(axis, bool) or not isinstance(axis, int):
-            raise TypeError(f"{fn}: axis must be an int, got {type(axis).__name__}")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-            raise TypeError(f"{fn}: eps must be a float, got {type(eps).__name__}")
-        if not eps > 0:
-            raise ValueError(f"{fn}: eps must be > 0, got {eps}")
+        check_num_features(fn, num_features)
+        check_axis_type(fn, axis)
+        check_eps(fn, eps)
         if momentum is not None:
             if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
                 raise TypeError(

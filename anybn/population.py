@@ -10,6 +10,8 @@ from ._moments import BatchMoments, FeatureReducer, merge_moments, shifted_momen
 from ._namespace import (
     Array,
     accumulation_dtype,
+    check_axis_type,
+    check_num_features,
     compute_dtype,
     describe,
     layout_of,
@@ -55,12 +57,8 @@ class PopulationStats:
     """
 
     def __init__(self, num_features: int, *, axis: int = 1) -> None:
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(
-                f"PopulationStats: num_features must be a positive int, got {num_features!r}"
-            )
-        if isinstance(axis, bool) or not isinstance(axis, int):
-            raise TypeError(f"PopulationStats: axis must be an int, got {type(axis).__name__}")
+        check_num_features("PopulationStats", num_features)
+        check_axis_type("PopulationStats", axis)
         self.num_features = num_features
         self.axis = axis
         self._xp: Any = None
@@ -109,7 +107,7 @@ class PopulationStats:
         acc = accumulation_dtype(xp, device, self._dtype)
         reducer = FeatureReducer(xp, layout, cdt, device)
         xf = xp.reshape(x if x.dtype == cdt else xp.astype(x, cdt), layout.folded_shape)
-        _, pivot, delta, var = shifted_moments(xp, xf, reducer, layout)
+        _, pivot, delta, var = shifted_moments(reducer, xf)
         mean = xp.astype(pivot, acc) + xp.astype(delta, acc)
         m2 = xp.astype(var, acc) * layout.per_feature
         batch = BatchMoments(layout.per_feature, mean, m2)

@@ -21,9 +21,3 @@ def backend(request):
     if b is None:
         pytest.skip(MISSING_REASON[request.param])
     return b
-
-
-@pytest.fixture
-def xp(backend):
-    """The array-API namespace of ``backend`` (for tests that need only the namespace)."""
-    return backend.xp
