@@ -110,6 +110,22 @@ def test_math_is_rendered_as_math(site):
     assert "$$" not in math  # every $$ block was parsed (dollarmath)
 
 
+def test_math_renders_offline(site):
+    """MathJax comes from the built site itself: every script of the math page is local."""
+    out, _ = site
+    math = (out / "math.html").read_text(encoding="utf-8")
+    scripts = re.findall(r"<script\b[^>]*\bsrc=\"([^\"]+)\"", math)
+    remote = [src for src in scripts if re.match(r"(?:[a-z]+:)?//", src)]
+    assert not remote, f"math.html loads scripts from the network: {remote}"
+    assert "_static/mathjax/tex-chtml.js" in scripts, f"math.html does not load the local MathJax: {scripts}"
+    assert not re.search(r"cdn\.jsdelivr|cdnjs|unpkg\.com|mathjax\.org", math), "math.html names a MathJax CDN"
+    mathjax = out / "_static" / "mathjax"
+    assert (mathjax / "tex-chtml.js").stat().st_size > 500_000, "the MathJax bundle is missing or truncated"
+    # CommonHTML output draws with MathJax's own web fonts, fetched relative to the script
+    assert (mathjax / "output/chtml/fonts/woff-v2/MathJax_Main-Regular.woff").is_file()
+    assert (mathjax / "output/chtml/fonts/woff-v2/MathJax_Math-Italic.woff").is_file()
+
+
 def test_import_loads_no_other_array_library():
     """docs/embedding.md: ``import anybn`` imports no array library but NumPy, nor numba."""
     others = ("torch", "jax", "cupy", "dask", "array_api_strict", "numba")
