@@ -22,9 +22,10 @@ def plot_figure1(results: dict[str, Any], path: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     path = Path(path)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), constrained_layout=True)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2), constrained_layout=True)
     acc = axes[0]
     for name in ("plain", "bn"):
         curve = results["curves"][name]
@@ -33,7 +34,6 @@ def plot_figure1(results: dict[str, Any], path: str | Path) -> Path:
     acc.set_ylabel("test accuracy")
     acc.set_ylim(0.0, 1.0)
     acc.grid(alpha=0.3)
-    acc.legend(loc="lower right")
     acc.set_title("(a)", loc="left")
 
     unit = results.get("sigmoid_unit", {})
@@ -44,7 +44,7 @@ def plot_figure1(results: dict[str, Any], path: str | Path) -> Path:
     for ax, name, label in zip(axes[1:], ("plain", "bn"), ("(b)", "(c)")):
         band = bands[name]
         for key, style in (("p15", ":"), ("p50", "-"), ("p85", "--")):
-            ax.plot(band["step"], band[key], style, color=_COLORS[name], label=f"{key[1:]}th percentile")
+            ax.plot(band["step"], band[key], style, color=_COLORS[name])
         ax.fill_between(band["step"], band["p15"], band["p85"], color=_COLORS[name], alpha=0.12)
         ax.axhline(0.0, color="0.6", linewidth=0.8)
         ax.set_ylim(low - pad, high + pad)
@@ -52,7 +52,11 @@ def plot_figure1(results: dict[str, Any], path: str | Path) -> Path:
         ax.set_ylabel("input to the sigmoid")
         ax.set_title(f"{label} {_LABELS[name].replace('W', 'w')}", loc="left")
         ax.grid(alpha=0.3)
-        ax.legend(loc="best", fontsize="small")
+    # one legend under the panels: inside any panel it covers a curve at some run length
+    handles = [Line2D([], [], color=_COLORS[n], label=_LABELS[n]) for n in ("plain", "bn")]
+    handles += [Line2D([], [], linestyle=style, color="0.3", label=f"{p}th percentile")
+                for p, style in (("15", ":"), ("50", "-"), ("85", "--"))]
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False)
     data = results.get("data", {})
     fig.suptitle(
         f"{data.get('name', '')}: {data.get('train', '?')} train / {data.get('test', '?')} test images; "
