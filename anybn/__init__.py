@@ -1,11 +1,19 @@
 """anybn: one batch normalization for every array library, written against the array API.
 
 Functional core: :func:`batch_norm_train`, :func:`batch_norm_backward`,
-:func:`batch_norm_eval`. Stateful layer: :class:`BatchNorm`. Population statistics for
+:func:`batch_norm_eval`, :func:`batch_norm_fixed` (given statistics, with a backward) and
+:func:`update_running_stats`. Stateful layer: :class:`BatchNorm`. Population statistics for
 inference (Ioffe & Szegedy 2015, Algorithm 2): :class:`PopulationStats`.
 """
 
-from .functional import BatchNormSaved, batch_norm_backward, batch_norm_eval, batch_norm_train
+from .functional import (
+    BatchNormSaved,
+    batch_norm_backward,
+    batch_norm_eval,
+    batch_norm_fixed,
+    batch_norm_train,
+    update_running_stats,
+)
 from .layer import BatchNorm
 from .population import PopulationStats
 
@@ -17,5 +25,7 @@ __all__ = [
     "PopulationStats",
     "batch_norm_backward",
     "batch_norm_eval",
+    "batch_norm_fixed",
     "batch_norm_train",
+    "update_running_stats",
 ]

@@ -1,4 +1,10 @@
-"""Per-feature statistics: sums as vector products, shifted moments, and mergeable moments.
+"""Per-feature reductions of the generic path, and mergeable moments.
+
+The reductions stage of every step on the generic array-API path lives here: the shifted
+sums of the training forward (:func:`shifted_sums`) and the two sums of the backward
+(:func:`grad_sums`). Their outputs are O(C). :class:`BatchMoments` and :func:`merge_moments`
+are the mergeable form (count, mean, M2) that population statistics and synchronized
+batch normalization combine.
 
 Every reduction runs on the folded view ``(outer, C, inner)`` (or ``(outer, C)`` when
 ``inner == 1``) as matrix-vector products with a ones vector: on NumPy, CuPy and PyTorch
@@ -9,11 +15,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-from ._namespace import Array, Layout, Namespace
+from ._layout import Layout, fold
+from ._namespace import Array, Namespace
 
-__all__ = ["BatchMoments", "FeatureReducer", "merge_moments", "shifted_moments"]
+__all__ = ["BatchMoments", "FeatureReducer", "Sums", "grad_sums", "merge_moments", "shifted_sums"]
 
 # Sums of more terms than this go in two levels (blocks of ~sqrt(n) terms, then the block
 # sums): a one-level float32 BLAS sum of 10**6 rows at mean 1e4 was 2e-4 off, two levels 1e-7.
@@ -117,38 +124,67 @@ class FeatureReducer:
         k = -(-lo.outer // _PIVOT_FRACTION)
         if k == 1 and lo.inner == 1:
             return xf[0, ...]
-        head = xf[:k, ...]
+        # scaled before summing: a sum of values near the dtype's max would overflow
+        head = xf[:k, ...] * (1.0 / (k * lo.inner))
         if lo.inner > 1:
             head = self._sum_inner(head)
-        return self._sum_rows(head) / (k * lo.inner)
+        return self._sum_rows(head)
 
 
-class ShiftedMoments(NamedTuple):
-    centered: Array  # x - pivot, a fresh folded buffer the caller may overwrite
-    pivot: Array  # (C,) a first estimate of the mean
-    delta: Array  # (C,) mean - pivot, small
-    var: Array  # (C,) biased variance
+class Sums(NamedTuple):
+    """Output of the training forward's reductions: per-feature shifted sums.
 
-
-def shifted_moments(reducer: FeatureReducer, xf: Array) -> ShiftedMoments:
-    """Per-feature mean and biased variance by the shifted-data algorithm.
-
-    Values are taken relative to a pivot near the mean (the mean of a small leading part
-    of the batch), so the sums add small numbers: ``x - pivot`` is exact where x is near
-    its mean, and var = E[d^2] - E[d]^2 suffers no cancellation because E[d] is small
-    against the standard deviation. In float32 at mean/std = 1e4 this keeps the variance
-    to ~1e-6 relative, where E[x^2] - E[x]^2 is off by orders of magnitude. One pass
-    writes the centered buffer, two read it: x itself is read once.
+    ``s1 = sum(x - pivot)`` and ``s2 = sum((x - pivot)**2)`` over the ``count`` values of
+    each feature, in the dtype the reductions accumulated in (the compute dtype on the
+    generic path, float64 on the fast paths); ``pivot`` is the value each feature was
+    shifted by, near its mean, so that the sums add small numbers.
     """
-    xp, layout = reducer.xp, reducer.layout
-    count = layout.per_feature
+
+    count: int
+    pivot: Array  # (C,)
+    s1: Array  # (C,)
+    s2: Array  # (C,)
+    scratch: Any = None  # the folded x - pivot, owned: the same path's apply may finish y in it
+
+
+def shifted_sums(xp: Namespace, x: Array, layout: Layout, dtype: Any, device: Any) -> Sums:
+    """Per-feature sums of x shifted by a pivot near the mean (generic path).
+
+    The pivot is the mean of the leading 1/64 of the outer slices, so ``x - pivot`` is exact
+    where x is near its mean and var = E[d^2] - E[d]^2 suffers no cancellation (E[d] is small
+    against the standard deviation): in float32 at mean/std = 1e4 the variance keeps ~1e-6
+    relative, where E[x^2] - E[x]^2 is off by orders of magnitude. One pass writes the
+    centered buffer, two BLAS products read it: x itself is read once. The buffer comes back
+    as ``scratch`` for the apply to finish y in.
+    """
+    reducer = FeatureReducer(xp, layout, dtype, device)
+    xf = fold(xp, x, layout, dtype)
     pivot = reducer.pivot(xf)
     centered = xf - layout.broadcastable(xp, pivot)
-    delta = reducer.sum(centered) / count
-    var = reducer.dot(centered, centered) / count - delta * delta
-    # rounding can leave -tiny when every value of a feature is equal
-    var = xp.maximum(var, 0.0)
-    return ShiftedMoments(centered, pivot, delta, var)
+    s1 = reducer.sum(centered)
+    s2 = reducer.dot(centered, centered)
+    return Sums(layout.per_feature, pivot, s1, s2, centered)
+
+
+class GradSums(NamedTuple):
+    """Output of the backward's reductions: ``sum(dy)`` and ``sum(dy * (x - pivot))``."""
+
+    sum_dy: Array  # (C,)
+    sum_dy_d: Array | None  # (C,), None where not asked for
+    scratch: Any = None  # the folded x - pivot, owned, when it was computed
+
+
+def grad_sums(
+    xp: Namespace, x: Array, dy: Array, layout: Layout, pivot: Array | None, dtype: Any, device: Any
+) -> GradSums:
+    """The backward's per-feature sums (generic path); ``pivot=None`` skips the second."""
+    reducer = FeatureReducer(xp, layout, dtype, device)
+    dyf = fold(xp, dy, layout, dtype)
+    sum_dy = reducer.sum(dyf)
+    if pivot is None:
+        return GradSums(sum_dy, None)
+    centered = fold(xp, x, layout, dtype) - layout.broadcastable(xp, pivot)
+    return GradSums(sum_dy, reducer.dot(dyf, centered), centered)
 
 
 @dataclass(frozen=True)

@@ -7,22 +7,14 @@ from typing import Any
 
 import array_api_compat
 
-from ._namespace import (
-    Array,
-    check_axis_type,
-    check_eps,
-    check_num_features,
-    describe,
-    library_name,
-    namespace_from_module,
-    namespace_of,
-)
-from .functional import BatchNormSaved, batch_norm_backward, batch_norm_train, eval_forward
+from . import interop
+from ._checks import check_axis, check_eps, check_momentum, check_num_features, check_real
+from ._namespace import Array, describe, library_name, namespace_from_module, namespace_of
+from ._saved import BatchNormSaved
+from .functional import _fixed, batch_norm_backward, batch_norm_train, update_running_stats
 from .population import Method, PopulationStats
 
 __all__ = ["BatchNorm"]
-
-_KERAS_NAMES = ("gamma", "beta", "moving_mean", "moving_variance")
 
 
 class BatchNorm:
@@ -67,6 +59,11 @@ class BatchNorm:
     grad_weight, grad_bias : array of shape (C,) or None
         Set by :meth:`backward`.
     training : bool
+    population : PopulationStats or None
+        When set, every forward pass normalizes with the batch statistics and adds them to
+        this :class:`PopulationStats` (no extra pass over the data), leaving the running
+        statistics alone; then :meth:`estimate_population` takes it. A deep network collects
+        every layer's population statistics in one pass over the data this way.
     """
 
     def __init__(
@@ -83,20 +80,10 @@ class BatchNorm:
         dtype: Any = None,
     ) -> None:
         fn = "BatchNorm"
-        check_num_features(fn, num_features)
-        check_axis_type(fn, axis)
-        check_eps(fn, eps)
-        if momentum is not None:
-            if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
-                raise TypeError(
-                    f"{fn}: momentum must be a float in [0, 1] or None, got {type(momentum).__name__}"
-                )
-            if not 0.0 <= momentum <= 1.0:
-                raise ValueError(f"{fn}: momentum must be in [0, 1] or None, got {momentum}")
-        self.num_features = num_features
-        self.axis = axis
-        self.eps = float(eps)
-        self.momentum = None if momentum is None else float(momentum)
+        self.num_features = check_num_features(fn, num_features)
+        self.axis = check_axis(fn, axis)
+        self.eps = check_eps(fn, eps)
+        self.momentum = check_momentum(fn, momentum)
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
         self.training = True
@@ -116,6 +103,7 @@ class BatchNorm:
         self.grad_weight: Array | None = None
         self.grad_bias: Array | None = None
         self._saved: BatchNormSaved | None = None
+        self.population: PopulationStats | None = None
         self.reset_parameters()
 
     # -- set-up -------------------------------------------------------------------------
@@ -192,39 +180,23 @@ class BatchNorm:
         with ``track_running_stats``, also updates the running statistics.
         """
         self._check_input(x)
-        use_batch_stats = self.training or not self.track_running_stats
-        if use_batch_stats:
+        if self.population is not None:  # collecting population statistics
+            y, saved = batch_norm_train(x, self.weight, self.bias, axis=self.axis, eps=self.eps)
+            self.population.update_from(saved)
+        elif self.training or not self.track_running_stats:
             y, saved = batch_norm_train(x, self.weight, self.bias, axis=self.axis, eps=self.eps)
             if self.training and self.track_running_stats:
-                self._update_running_stats(saved)
+                assert self.running_mean is not None and self.running_var is not None
+                self.num_batches_tracked += 1
+                self.running_mean, self.running_var = update_running_stats(
+                    self.running_mean, self.running_var, saved, momentum=self.momentum,
+                    num_batches_tracked=self.num_batches_tracked,
+                )
         else:
-            y, saved = eval_forward(
-                "BatchNorm",
-                x,
-                self.running_mean,
-                self.running_var,
-                self.weight,
-                self.bias,
-                axis=self.axis,
-                eps=self.eps,
-            )
+            y, saved = _fixed("BatchNorm", x, self.running_mean, self.running_var, self.weight, self.bias,
+                              axis=self.axis, eps=self.eps)
         self._saved = saved
         return y
-
-    def _update_running_stats(self, saved: BatchNormSaved) -> None:
-        xp = self._xp
-        assert self.running_mean is not None and self.running_var is not None
-        self.num_batches_tracked += 1
-        if self.momentum is None:
-            factor = 1.0 / self.num_batches_tracked
-        else:
-            factor = self.momentum
-        m = saved.count
-        mean = xp.astype(saved.mean, self._dtype)
-        unbiased_var = xp.astype(saved.var * (m / (m - 1)), self._dtype)
-        # new arrays, not in-place updates: a state_dict handed out earlier stays as it was
-        self.running_mean = (1.0 - factor) * self.running_mean + factor * mean
-        self.running_var = (1.0 - factor) * self.running_var + factor * unbiased_var
 
     def backward(self, dy: Array) -> Array:
         """Gradient with respect to the input of the last forward pass.
@@ -240,26 +212,42 @@ class BatchNorm:
 
     # -- population statistics ----------------------------------------------------------
 
-    def estimate_population(self, batches: Iterable[Array], method: Method = "paper") -> BatchNorm:
-        """Set the running statistics to population estimates over ``batches``.
+    def estimate_population(
+        self, batches: Iterable[Array] | PopulationStats, method: Method = "paper"
+    ) -> BatchNorm:
+        """Set the running statistics to population estimates.
 
         This is the inference mode of Ioffe & Szegedy (2015), Algorithm 2, with
         ``method="paper"``; ``"pooled"`` gives the exact statistics of all values. See
         :class:`anybn.PopulationStats`. ``batches`` is any iterable of inputs to this layer
-        (the activations that reach it). Weights and ``num_batches_tracked`` are unchanged.
-        Returns ``self``.
+        (the activations that reach it), or a :class:`PopulationStats` already filled, for
+        example by forward passes with ``population`` set. Weights and
+        ``num_batches_tracked`` are unchanged. Returns ``self``.
         """
         fn = "BatchNorm.estimate_population"
         if not self.track_running_stats:
             raise ValueError(f"{fn}: the layer has track_running_stats=False: no running statistics to fill")
         if method not in ("paper", "pooled"):
             raise ValueError(f"{fn}: method must be 'paper' or 'pooled', got {method!r}")
-        stats = PopulationStats(self.num_features, axis=self.axis)
-        for x in batches:
-            self._check_input(x)
-            stats.update(x)
+        if isinstance(batches, PopulationStats):
+            stats = batches
+            if stats.num_features != self.num_features:
+                raise ValueError(
+                    f"{fn}: the PopulationStats has num_features = {stats.num_features}, expected "
+                    f"{self.num_features}"
+                )
+        else:
+            if isinstance(batches, (str, bytes)) or not isinstance(batches, Iterable):
+                raise TypeError(
+                    f"{fn}: batches must be an iterable of arrays or a PopulationStats, got "
+                    f"{type(batches).__name__}"
+                )
+            stats = PopulationStats(self.num_features, axis=self.axis)
+            for x in batches:
+                self._check_input(x)
+                stats.update(x)
         if stats.num_batches == 0:
-            raise ValueError(f"{fn}: batches is empty; give at least one batch")
+            raise ValueError(f"{fn}: batches is empty (no batch was seen); give at least one batch")
         mean, var = stats.result(method)
         self.running_mean = self._xp.astype(mean, self._dtype)
         self.running_var = self._xp.astype(var, self._dtype)
@@ -300,6 +288,11 @@ class BatchNorm:
         when the state is rejected.
         """
         fn = "BatchNorm.load_state_dict"
+        if not isinstance(state, Mapping):
+            raise TypeError(
+                f"{fn}: state must be a mapping of names to arrays (as from state_dict()), "
+                f"got {type(state).__name__}"
+            )
         expected = set(self._state_keys())
         got = set(state)
         if got != expected:
@@ -311,9 +304,9 @@ class BatchNorm:
         converted: dict[str, Any] = {}
         for key in expected:
             if key == "num_batches_tracked":
-                converted[key] = _as_count(fn, state[key])
+                converted[key] = interop.as_count(fn, state[key])
                 continue
-            value = self._convert(fn, key, state[key])
+            value = interop.to_namespace(fn, key, state[key], self._xp, self._device, self._dtype)
             if tuple(value.shape) != (self.num_features,):
                 raise ValueError(
                     f"{fn}: {key} has shape {tuple(value.shape)}, expected ({self.num_features},)"
@@ -321,36 +314,6 @@ class BatchNorm:
             converted[key] = value
         for key, value in converted.items():
             setattr(self, key, value)
-
-    def _convert(self, fn: str, key: str, value: Any) -> Array:
-        """A copy of ``value`` (any library) in the layer's namespace, device and dtype."""
-        xp = self._xp
-        # tensors that require grad (torch Parameters) refuse export until detached
-        detach = getattr(value, "detach", None)
-        if callable(detach):
-            value = detach()
-        out = None
-        if array_api_compat.is_array_api_obj(value):
-            try:
-                same_library = array_api_compat.array_namespace(value) is xp
-            except TypeError:
-                same_library = False
-            if not same_library:
-                try:  # across libraries and devices: DLPack, the standard's exchange protocol
-                    out = xp.from_dlpack(value, device=self._device, copy=True)
-                except Exception:
-                    out = None
-        if out is None:
-            try:
-                out = xp.asarray(value, device=self._device, copy=True)
-            except Exception:
-                raise TypeError(
-                    f"{fn}: cannot convert {key} ({describe(value)} {type(value).__name__}) to a "
-                    f"{library_name(xp)} array on {self._device!r}"
-                ) from None
-        if not xp.isdtype(out.dtype, "real floating") and not xp.isdtype(out.dtype, "integral"):
-            raise TypeError(f"{fn}: {key} must be a real numeric array, got dtype {out.dtype}")
-        return xp.astype(out, self._dtype)
 
     # -- Keras --------------------------------------------------------------------------
 
@@ -379,16 +342,8 @@ class BatchNorm:
         while this layer, like PyTorch, averages the unbiased ones. Loaded statistics give
         the same eval outputs as in Keras; further training updates them the PyTorch way.
         """
-        if isinstance(weights, Mapping):
-            named = dict(weights)
-        else:
-            values = list(weights)
-            if len(values) != 4:
-                raise ValueError(
-                    f"BatchNorm.from_keras: a weight list needs 4 arrays in the order {list(_KERAS_NAMES)}, "
-                    f"got {len(values)}; pass a dict for center=False or scale=False"
-                )
-            named = dict(zip(_KERAS_NAMES, values))
+        named = interop.keras_weight_names("BatchNorm.from_keras", weights)
+        momentum = check_real("BatchNorm.from_keras", "momentum", momentum)
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"BatchNorm.from_keras: momentum must be in [0, 1], got {momentum}")
         mean = named.get("moving_mean")
@@ -420,24 +375,10 @@ class BatchNorm:
         (``center=False``) as zeros. ``num_batches_tracked`` becomes 0. See :meth:`from_keras`
         for the momentum conversion and the biased moving variance.
         """
-        fn = "BatchNorm.load_keras_weights"
-        unknown = sorted(set(weights) - set(_KERAS_NAMES))
-        if unknown or not {"moving_mean", "moving_variance"} <= set(weights):
-            raise ValueError(
-                f"{fn}: expected keys {list(_KERAS_NAMES)} (gamma and beta optional), got {sorted(weights)}"
-            )
-        if not self.affine and ("gamma" in weights or "beta" in weights):
-            raise ValueError(f"{fn}: the layer has affine=False but weights hold gamma/beta")
-        if not self.track_running_stats:
-            raise ValueError(f"{fn}: the layer has track_running_stats=False: no moving statistics to load")
-        state: dict[str, Any] = {
-            "running_mean": weights["moving_mean"],
-            "running_var": weights["moving_variance"],
-            "num_batches_tracked": 0,
-        }
-        if self.affine:
-            state["weight"] = weights.get("gamma", self._full(1.0))
-            state["bias"] = weights.get("beta", self._full(0.0))
+        state = interop.keras_state(
+            "BatchNorm.load_keras_weights", weights, affine=self.affine,
+            track_running_stats=self.track_running_stats, ones=self._full(1.0), zeros=self._full(0.0),
+        )
         self.load_state_dict(state)
 
     def __repr__(self) -> str:
@@ -447,17 +388,3 @@ class BatchNorm:
             f"track_running_stats={self.track_running_stats}, xp={library_name(self._xp)})"
         )
 
-
-def _as_count(fn: str, value: Any) -> int:
-    """num_batches_tracked from an int or a 0-d / one-element integer array of any library."""
-    try:
-        if hasattr(value, "shape") and len(value.shape) > 1:
-            raise ValueError
-        count = int(value.item() if hasattr(value, "item") else value)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"{fn}: num_batches_tracked must be a non-negative integer or 0-d integer array, got {value!r}"
-        ) from None
-    if count < 0:
-        raise ValueError(f"{fn}: num_batches_tracked must be >= 0, got {count}")
-    return count

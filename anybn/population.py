@@ -6,17 +6,13 @@ from typing import Any, Literal
 
 import array_api_compat
 
-from ._moments import BatchMoments, FeatureReducer, merge_moments, shifted_moments
-from ._namespace import (
-    Array,
-    accumulation_dtype,
-    check_axis_type,
-    check_num_features,
-    compute_dtype,
-    describe,
-    layout_of,
-    namespace_of,
-)
+from . import _fast
+from ._checks import check_axis, check_num_features
+from ._layout import layout_of
+from ._moments import BatchMoments, merge_moments
+from ._namespace import Array, Namespace, accumulation_dtype, compute_dtype, describe, library_name, namespace_of
+from ._saved import BatchNormSaved
+from ._steps import Stats, stats_from_sums
 
 __all__ = ["PopulationStats"]
 
@@ -57,10 +53,8 @@ class PopulationStats:
     """
 
     def __init__(self, num_features: int, *, axis: int = 1) -> None:
-        check_num_features("PopulationStats", num_features)
-        check_axis_type("PopulationStats", axis)
-        self.num_features = num_features
-        self.axis = axis
+        self.num_features = check_num_features("PopulationStats", num_features)
+        self.axis = check_axis("PopulationStats", axis)
         self._xp: Any = None
         self._device: Any = None
         self._dtype: Any = None
@@ -81,9 +75,12 @@ class PopulationStats:
     def update(self, x: Array) -> PopulationStats:
         """Add one batch. ``x`` has the layout given by ``axis`` and ``num_features`` features.
 
-        Returns ``self``. All batches must share one namespace and device.
+        One pass over x through the training forward's reductions (a fast path's kernels
+        where one serves x). Returns ``self``. All batches must share one namespace and device.
         """
         fn = "PopulationStats.update"
+        if x is None:
+            raise TypeError(f"{fn}: x must be an array of an array-API library, got None")
         xp = namespace_of(fn, x=x)
         layout = layout_of(fn, xp, x, self.axis)
         if layout.features != self.num_features:
@@ -91,34 +88,61 @@ class PopulationStats:
                 f"{fn}: x has {layout.features} features along axis {self.axis} "
                 f"(x.shape = {layout.shape}), expected num_features = {self.num_features}"
             )
-        device = array_api_compat.device(x)
-        if self._xp is None:
-            self._xp, self._device = xp, device
-            self._dtype = compute_dtype(xp, x.dtype)
-        elif xp is not self._xp or device != self._device:
-            raise TypeError(
-                f"{fn}: x is a {describe(x)} array on {device!r}, expected the library and "
-                f"device of the first batch ({self._device!r})"
-            )
+        self._check_same_library(fn, xp, x)
         if layout.per_feature < 1:
             raise ValueError(f"{fn}: x has no values per feature (x.shape = {layout.shape})")
+        kernels = _fast.kernels_for("train", xp, x)
+        stats = stats_from_sums(xp, kernels.moments(xp, x, layout))
+        self._add(xp, x, stats)
+        return self
 
-        cdt = compute_dtype(xp, x.dtype)
-        acc = accumulation_dtype(xp, device, self._dtype)
-        reducer = FeatureReducer(xp, layout, cdt, device)
-        xf = xp.reshape(x if x.dtype == cdt else xp.astype(x, cdt), layout.folded_shape)
-        _, pivot, delta, var = shifted_moments(reducer, xf)
-        mean = xp.astype(pivot, acc) + xp.astype(delta, acc)
-        m2 = xp.astype(var, acc) * layout.per_feature
-        batch = BatchMoments(layout.per_feature, mean, m2)
+    def update_from(self, saved: BatchNormSaved) -> PopulationStats:
+        """Add the batch a training forward pass normalized, from its ``saved`` statistics.
 
+        No pass over the data: ``saved`` (from :func:`anybn.batch_norm_train`) holds the
+        batch's count, mean (as pivot + delta) and biased variance. This is how a layer feeds
+        its population statistics during a forward pass. Returns ``self``.
+        """
+        fn = "PopulationStats.update_from"
+        if not isinstance(saved, BatchNormSaved) or not saved.batch_stats or saved.pivot is None:
+            raise TypeError(
+                f"{fn}: saved must be the BatchNormSaved of a training forward pass "
+                f"(batch_norm_train), got {type(saved).__name__}"
+            )
+        if saved.mean.shape[0] != self.num_features:
+            raise ValueError(
+                f"{fn}: saved has {saved.mean.shape[0]} features, expected num_features = "
+                f"{self.num_features}"
+            )
+        xp = namespace_of(fn, x=saved.x)
+        self._check_same_library(fn, xp, saved.x)
+        self._add(xp, saved.x, Stats(saved.count, saved.pivot, saved.delta, saved.var))
+        return self
+
+    def _check_same_library(self, fn: str, xp: Namespace, x: Array) -> None:
+        device = array_api_compat.device(x)
+        if self._xp is None:
+            return
+        if xp is not self._xp or device != self._device:
+            raise TypeError(
+                f"{fn}: x is a {describe(x)} array on {device!r}, expected the library and device "
+                f"of the first batch ({library_name(self._xp)} on {self._device!r})"
+            )
+
+    def _add(self, xp: Namespace, x: Array, stats: Stats) -> None:
+        if self._xp is None:
+            self._xp, self._device = xp, array_api_compat.device(x)
+            self._dtype = compute_dtype(xp, x.dtype)
+        acc = accumulation_dtype(xp, self._device, self._dtype)
+        mean = xp.astype(stats.pivot, acc) + xp.astype(stats.delta, acc)
+        m2 = xp.astype(stats.var, acc) * stats.count
+        batch = BatchMoments(stats.count, mean, m2)
         if self._total is None:
             self._total, self._within_m2 = batch, m2
         else:
             self._total = merge_moments(self._total, batch)
             self._within_m2 = self._within_m2 + m2
         self._batches += 1
-        return self
 
     def result(self, method: Method = "paper") -> tuple[Array, Array]:
         """The population (mean, var), each of shape (C,).

@@ -1,14 +1,16 @@
 """Registry of backend fast paths.
 
-A fast path replaces a whole step of the algorithm (training forward, backward, inference)
-for the arrays it serves. Each entry is a small object with ``serves(step, xp, arrays) ->
-bool`` and one method per step. ``ANYBN_FAST_PATHS=0`` switches all of them off, read at
-each call so a process can flip it without re-importing anybn.
+A fast path supplies the two stages of each step that touch arrays the size of x, the
+reductions and the apply, as compiled kernels for the arrays it serves: it implements
+:class:`anybn._kernels.Kernels`. The coefficients between them are written once, in
+``anybn._steps``, for every path. ``ANYBN_FAST_PATHS=0`` switches all fast paths off, read
+at each call so a process can flip it without re-importing anybn.
 
 A path is registered only when its library is installed, checked with ``find_spec`` so
 that nothing is imported (einops-style): the library itself is imported by the path on the
-first call it serves. The generic array-API path in ``anybn.functional`` stays the
-reference; ``tests/test_fast.py`` proves each path equal to it.
+first call it serves. The generic array-API kernels (``anybn._kernels.GENERIC``) serve
+everything else and stay the reference; ``tests/test_fast.py`` proves each path equal to
+them and to float64.
 
 Registered paths:
 
@@ -20,38 +22,16 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Any, Protocol
+from typing import Any
 
-__all__ = ["FastPath", "fast_paths_enabled", "registered", "select"]
+from .._kernels import GENERIC, Kernels, Step
 
+__all__ = ["FastPath", "fast_paths_enabled", "kernels_for", "registered", "select"]
 
-class FastPath(Protocol):
-    name: str
+#: A fast path is a :class:`anybn._kernels.Kernels` implementation.
+FastPath = Kernels
 
-    def serves(self, step: str, xp: Any, arrays: tuple[Any, ...]) -> bool:
-        """Whether this path implements ``step`` ('train', 'backward', 'eval') for ``arrays``.
-
-        ``arrays`` are the large inputs of the step: ``(x,)``, or ``(x, dy)`` for backward.
-        """
-        ...
-
-    def train(self, x: Any, weight: Any, bias: Any, *, layout: Any, eps: float) -> tuple[Any, Any]:
-        """Replaces the generic training forward: returns ``(y, BatchNormSaved)``.
-
-        ``layout`` is the validated ``anybn._namespace.Layout`` of ``x`` (as for every step).
-        """
-        ...
-
-    def eval(self, x: Any, mean: Any, var: Any, weight: Any, bias: Any, *, layout: Any, eps: float) -> Any:
-        """Replaces the generic inference forward: returns ``y``."""
-        ...
-
-    def backward(self, dy: Any, saved: Any, *, layout: Any) -> tuple[Any, Any, Any]:
-        """Replaces the generic backward: returns ``(dx, dweight, dbias)``."""
-        ...
-
-
-_REGISTRY: tuple[FastPath, ...] | None = None
+_REGISTRY: tuple[Kernels, ...] | None = None
 
 
 def _installed(module: str) -> bool:
@@ -61,9 +41,8 @@ def _installed(module: str) -> bool:
         return False
 
 
-def _build_registry() -> tuple[FastPath, ...]:
-    # Built on first use: the paths import anybn.functional, which imports this module.
-    paths: list[FastPath] = []
+def _build_registry() -> tuple[Kernels, ...]:
+    paths: list[Kernels] = []
     if _installed("numba"):
         from .cpu import CpuPath
 
@@ -77,7 +56,7 @@ def fast_paths_enabled() -> bool:
     return value not in {"0", "false", "off", "no"}
 
 
-def registered() -> tuple[FastPath, ...]:
+def registered() -> tuple[Kernels, ...]:
     """All fast paths whose library is installed, enabled or not."""
     global _REGISTRY
     if _REGISTRY is None:
@@ -85,7 +64,7 @@ def registered() -> tuple[FastPath, ...]:
     return _REGISTRY
 
 
-def select(step: str, xp: Any, *arrays: Any) -> FastPath | None:
+def select(step: Step, xp: Any, *arrays: Any) -> Kernels | None:
     """The first registered fast path serving ``step`` for ``arrays``, or None (generic path)."""
     if not fast_paths_enabled():
         return None
@@ -93,3 +72,9 @@ def select(step: str, xp: Any, *arrays: Any) -> FastPath | None:
         if path.serves(step, xp, arrays):
             return path
     return None
+
+
+def kernels_for(step: Step, xp: Any, *arrays: Any) -> Kernels:
+    """The kernels for ``step``: the first fast path serving ``arrays``, else the generic ones."""
+    fast = select(step, xp, *arrays)
+    return GENERIC if fast is None else fast

@@ -1,13 +1,13 @@
 """The CPU fast path: NumPy float32/float64 arrays through fused numba kernels on threads.
 
-It serves C-contiguous ``numpy.ndarray`` inputs of float32 or float64 and replaces whole
-steps of ``anybn.functional``:
+It serves C-contiguous ``numpy.ndarray`` inputs of float32 or float64 with the kernels of
+:class:`anybn._kernels.Kernels` (the coefficients between them are the shared array-API
+code of ``anybn._steps``):
 
-- training forward: one pass for the statistics (x read once), one for y (x read again,
-  y written once);
-- inference: one pass (x read once, y written once);
-- backward: one pass for the two sums (x and dy read once), one for dx (x and dy read
-  again, dx written once).
+- ``moments``: one pass over x, float64 sums of x shifted by its first sample per feature;
+- ``apply``: one pass, x read once, y written once;
+- ``grad_sums``: one pass, x and dy read once;
+- ``grad_apply``: one pass, x and dy read again, dx written once.
 
 Apart from y (or dx), every allocation is O(C). Work is split into contiguous ranges of
 rows or planes, one per thread; the kernels release the GIL (``nogil``), so plain Python
@@ -32,8 +32,8 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-from .._namespace import Layout
-from ..functional import BatchNormSaved
+from .._layout import Layout
+from .._moments import GradSums, Sums
 
 __all__ = ["CpuPath"]
 
@@ -121,9 +121,10 @@ class _View:
 
 
 class CpuPath:
-    """The fused CPU path; see the module docstring for what it serves."""
+    """The fused CPU kernels; see the module docstring for what they serve."""
 
     name = "cpu-numba"
+    centering_is_free = True  # the apply subtracts the pivot in the same fused pass
 
     def __init__(self) -> None:
         self._kernels: ModuleType | None = None
@@ -143,6 +144,9 @@ class CpuPath:
                 return False
         return self._load() is not None
 
+    def coefficient_dtype(self, xp: Any, x: np.ndarray) -> Any:
+        return np.float64  # the kernels' sums are float64 whatever x's dtype
+
     @property
     def _k(self) -> ModuleType:
         """The kernels module; only called after ``serves`` has loaded it."""
@@ -159,77 +163,45 @@ class CpuPath:
                 self._kernels = _cpu_kernels
         return self._kernels
 
-    # ------------------------------------------------------------------ the steps
+    # ------------------------------------------------------------------ the kernels
 
-    def train(self, x: np.ndarray, weight: Any, bias: Any, *, layout: Layout,
-              eps: float) -> tuple[np.ndarray, BatchNormSaved]:
-        k = self._k
+    def moments(self, xp: Any, x: np.ndarray, layout: Layout) -> Sums:
         view = _View(layout)
         xv = view.fold(x)
-        # pivot, scale, shift, invstd, var, delta; y = (x - pivot) * scale + shift
-        coef = np.empty((6, view.features), dtype=x.dtype)
-        if self._split(view, x.nbytes)[1] == 1:
-            y = np.empty_like(xv)
-            whole = k.train_rows_whole if view.rows else k.train_planes_whole
-            whole(xv, eps, _vector(weight), _vector(bias), y, coef)
-        else:
-            # float64 sums of x - (one sample of each feature): exact enough at any offset
-            first = (xv[0] if view.rows else xv[0, :, 0]).astype(np.float64)
-            partial = self._reduce(k.moments_rows if view.rows else k.moments_planes, view, (xv, first))
-            k.train_coefficients(partial, first, view.count, eps, _vector(weight), _vector(bias), coef)
-            y = self._affine(view, xv, coef[0], coef[1], coef[2])
-        pivot, _, _, invstd, var, delta = coef
-        saved = BatchNormSaved(
-            x=x,
-            mean=pivot,
-            invstd=invstd,
-            var=var,
-            weight=weight,
-            has_bias=bias is not None,
-            axis=layout.axis,
-            eps=eps,
-            count=view.count,
-            pivot=pivot,
-            delta=delta,
-        )
-        return y.reshape(x.shape), saved
+        # float64 sums of x - (one sample of each feature): exact enough at any offset
+        first = (xv[0] if view.rows else xv[0, :, 0]).astype(np.float64)
+        kernel = self._k.moments_rows if view.rows else self._k.moments_planes
+        s1, s2 = self._reduce(kernel, view, (xv, first))
+        return Sums(view.count, first, s1, s2)
 
-    def eval(self, x: np.ndarray, mean: Any, var: Any, weight: Any, bias: Any, *, layout: Layout,
-             eps: float) -> np.ndarray:
+    def apply(self, xp: Any, x: np.ndarray, layout: Layout, pivot: Any, scale: Any, shift: Any, *,
+              scratch: Any = None) -> np.ndarray:
         view = _View(layout)
-        coef = np.empty((3, view.features), dtype=x.dtype)  # pivot, scale, shift
-        self._k.eval_coefficients(_vector(mean), _vector(var), eps, _vector(weight), _vector(bias), coef)
-        return self._affine(view, view.fold(x), *coef).reshape(x.shape)
+        c, dtype = view.features, x.dtype
+        return self._affine(view, view.fold(x), _vector(pivot, dtype, c), _vector(scale, dtype, c),
+                            _vector(shift, dtype, c)).reshape(x.shape)
 
-    def backward(self, dy: np.ndarray, saved: BatchNormSaved, *, layout: Layout) -> tuple[np.ndarray, Any, Any]:
-        k = self._k
-        x = saved.x
+    def grad_sums(self, xp: Any, x: np.ndarray, dy: np.ndarray, layout: Layout, pivot: Any) -> GradSums:
         view = _View(layout)
-        xv, dyv = view.fold(x), view.fold(dy)
-        pivot = saved.mean if saved.pivot is None else saved.pivot
-        coef = np.empty((5, view.features), dtype=x.dtype)  # a, b, k, dweight, dbias
-        vectors = (_vector(saved.invstd), _vector(saved.weight), _vector(saved.delta))
-        if saved.batch_stats and self._split(view, x.nbytes)[1] == 1:
-            dx = np.empty_like(xv)
-            whole = k.backward_rows_whole if view.rows else k.backward_planes_whole
-            whole(xv, dyv, _vector(pivot, x.dtype), *vectors, True, dx, coef)
-            return dx.reshape(x.shape), _given(coef[3], saved.weight), _given(coef[4], saved.has_bias)
-        if saved.batch_stats or saved.weight is not None or saved.has_bias:
-            sums = k.grad_sums_rows if view.rows else k.grad_sums_planes
-            partial = self._reduce(sums, view, (xv, dyv, np.asarray(pivot, dtype=np.float64)))
-        else:
-            partial = np.zeros((2, 1, view.features))
-        k.backward_coefficients(partial, *vectors, view.count, saved.batch_stats, coef)
-        a, b, k_dy, dweight, dbias = coef
-        if saved.batch_stats:  # dx = k_dy * (dy + a * (x - pivot) + b)
-            dx = np.empty_like(xv)
-            apply = k.grad_input_rows if view.rows else k.grad_input_planes
-            args = (xv, dyv, _vector(pivot, x.dtype), a, b, k_dy)
-            self._map(lambda lo, hi: apply(*args, lo, hi, dx), view, x.nbytes)
-        else:  # fixed statistics: dx = k_dy * dy
-            zeros = np.zeros(view.features, dtype=x.dtype)
-            dx = self._affine(view, dyv, zeros, k_dy, zeros)
-        return dx.reshape(x.shape), _given(dweight, saved.weight), _given(dbias, saved.has_bias)
+        kernel = self._k.grad_sums_rows if view.rows else self._k.grad_sums_planes
+        sum_dy, sum_dy_d = self._reduce(kernel, view, (view.fold(x), view.fold(dy),
+                                                       _vector(pivot, np.float64, view.features)))
+        return GradSums(sum_dy, None if pivot is None else sum_dy_d)
+
+    def grad_apply(self, xp: Any, x: np.ndarray, dy: np.ndarray, layout: Layout, pivot: Any, a: Any, b: Any,
+                   k: Any, *, scratch: Any = None) -> np.ndarray:
+        view = _View(layout)
+        c, dtype = view.features, x.dtype
+        dyv = view.fold(dy)
+        if a is None:  # dx = k * dy
+            zeros = np.zeros(c, dtype=dtype)
+            return self._affine(view, dyv, zeros, _vector(k, dtype, c), zeros).reshape(x.shape)
+        xv = view.fold(x)
+        dx = np.empty_like(xv)
+        kernel = self._k.grad_input_rows if view.rows else self._k.grad_input_planes
+        args = (xv, dyv) + tuple(_vector(v, dtype, c) for v in (pivot, a, b, k))
+        self._map(lambda lo, hi: kernel(*args, lo, hi, dx), view, x.nbytes)
+        return dx.reshape(x.shape)
 
     # ------------------------------------------------------------------ threading
 
@@ -243,16 +215,21 @@ class CpuPath:
     def _map(self, task: Callable[[int, int], None], view: _View, nbytes: int) -> None:
         self._threads.run(lambda part, lo, hi: task(lo, hi), view.units, *self._split(view, nbytes))
 
-    def _reduce(self, kernel: Callable[..., None], view: _View, args: tuple[Any, ...]) -> np.ndarray:
-        """Two per-feature float64 sums of ``kernel`` over all units, as partials (2, ranges, C)."""
+    def _reduce(self, kernel: Callable[..., None], view: _View,
+                args: tuple[Any, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """Two per-feature float64 sums of ``kernel`` over all units, each of shape (C,)."""
         parts, threads = self._split(view, args[0].nbytes)
         # each range's two sums side by side, 64 bytes apart beyond C: sums a multiple of 4 KiB
         # apart stall the kernels' loads behind their stores (4K aliasing; 10-30% measured)
         buf = np.zeros((parts, 2, view.features + 8))
-        partial = buf[:, :, : view.features].transpose(1, 0, 2)
-        self._threads.run(lambda part, lo, hi: kernel(*args, lo, hi, partial[0, part], partial[1, part]),
+        partial = buf[:, :, : view.features]
+        if threads == 1 and parts == 1:
+            kernel(*args, 0, view.units, partial[0, 0], partial[0, 1])
+            return partial[0, 0], partial[0, 1]
+        self._threads.run(lambda part, lo, hi: kernel(*args, lo, hi, partial[part, 0], partial[part, 1]),
                           view.units, parts, threads)
-        return partial
+        total = partial.sum(axis=0)
+        return total[0], total[1]
 
     def _affine(self, view: _View, xv: np.ndarray, pivot: np.ndarray, scale: np.ndarray,
                 shift: np.ndarray) -> np.ndarray:
@@ -264,15 +241,8 @@ class CpuPath:
         return y
 
 
-_ABSENT = np.empty(0)
-
-
-def _given(value: np.ndarray, present: Any) -> np.ndarray | None:
-    return None if present is None or present is False else value
-
-
-def _vector(a: Any, dtype: Any = None) -> np.ndarray:
-    """A (C,) NumPy array for the kernels; an empty one stands for None."""
+def _vector(a: Any, dtype: Any, features: int) -> np.ndarray:
+    """A (C,) NumPy array of ``dtype`` for the kernels; zeros stand for None."""
     if a is None:
-        return _ABSENT
+        return np.zeros(features, dtype=dtype)
     return np.asarray(a, dtype=dtype)

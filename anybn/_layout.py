@@ -1,0 +1,88 @@
+"""How an input folds into ``(outer, C, inner)``, validated once per call.
+
+Every step works on the folded view: ``outer`` is the product of the dims before the
+feature axis and ``inner`` that of the dims after it, so ``reshape(x, (outer, C, inner))``
+is free for a contiguous ``x``. Channels-last and (N, C) inputs (``inner == 1``) fold to
+``(outer, C)``: features contiguous, no size-1 axis for backends to trip on.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+from ._checks import check_axis, check_floating
+from ._namespace import Array, Namespace
+
+__all__ = ["Layout", "fold", "layout_of", "unfold"]
+
+
+class Layout(NamedTuple):
+    """The validated shape of x and its fold around the feature axis."""
+
+    shape: tuple[int, ...]
+    axis: int  # normalized, 0 <= axis < ndim
+    outer: int
+    features: int
+    inner: int
+
+    @property
+    def per_feature(self) -> int:
+        """Number of values per feature (m in the paper)."""
+        return self.outer * self.inner
+
+    @property
+    def folded_shape(self) -> tuple[int, ...]:
+        """``(outer, C)`` when ``inner == 1``, else ``(outer, C, inner)``."""
+        if self.inner == 1:
+            return (self.outer, self.features)
+        return (self.outer, self.features, self.inner)
+
+    def broadcastable(self, xp: Namespace, v: Array) -> Array:
+        """A (C,) vector shaped to broadcast against the folded array."""
+        # (C,) already broadcasts against (outer, C): skip the reshape call (~1 us on NumPy)
+        return v if self.inner == 1 else xp.reshape(v, (self.features, 1))
+
+
+def layout_of(fn: str, xp: Namespace, x: Array, axis: Any) -> Layout:
+    """Validate ``x`` (real floating, at least 2-D, known shape) and ``axis``; fold them."""
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{fn}: x must be an array, got {type(x).__name__}")
+    check_floating(fn, "x", xp, x)
+    shape = tuple(x.shape)
+    if None in shape:
+        raise ValueError(f"{fn}: x must have a known shape, got x.shape = {shape}")
+    ndim = len(shape)
+    if ndim < 2:
+        raise ValueError(
+            f"{fn}: x must have at least 2 dimensions (N, C, ...), got x.shape = {shape}"
+        )
+    axis = check_axis(fn, axis)
+    if not -ndim <= axis < ndim:
+        raise ValueError(
+            f"{fn}: axis={axis} is out of range for x with {ndim} dimensions "
+            f"(expected {-ndim} <= axis < {ndim}, x.shape = {shape})"
+        )
+    axis %= ndim
+    return Layout(
+        shape=shape,
+        axis=axis,
+        outer=math.prod(shape[:axis]),
+        features=shape[axis],
+        inner=math.prod(shape[axis + 1 :]),
+    )
+
+
+def fold(xp: Namespace, a: Array, layout: Layout, dtype: Any = None) -> Array:
+    """``a`` (of ``layout.shape``) as its folded view, cast to ``dtype`` when given."""
+    if dtype is not None and a.dtype != dtype:
+        a = xp.astype(a, dtype)
+    if len(layout.shape) == 2 and layout.inner == 1:
+        return a  # (N, C) is its own folded view
+    return xp.reshape(a, layout.folded_shape)
+
+
+def unfold(xp: Namespace, buf: Array, layout: Layout, dtype: Any = None) -> Array:
+    """A folded array back in ``layout.shape``, cast to ``dtype`` when given."""
+    y = buf if len(layout.shape) == 2 and layout.inner == 1 else xp.reshape(buf, layout.shape)
+    return y if dtype is None or y.dtype == dtype else xp.astype(y, dtype)
