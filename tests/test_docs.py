@@ -26,6 +26,8 @@ PUBLIC = (
     "batch_norm_train",
     "batch_norm_backward",
     "batch_norm_eval",
+    "batch_norm_fixed",
+    "update_running_stats",
     "BatchNormSaved",
     "BatchNorm",
     "PopulationStats",
