@@ -110,6 +110,9 @@ def batch_norm_train(
             f"{layout.shape} ({layout.per_feature} value(s) per feature along axis {layout.axis})"
         )
     kernels = _fast.kernels_for("train", xp, x)
+    whole = getattr(kernels, "train_whole", None)  # small inputs: one compiled call, proven equal
+    if whole is not None and (done := whole(xp, x, layout, weight, bias, eps)) is not None:
+        return done
     # reductions
     sums = kernels.moments(xp, x, layout)
     # coefficients
@@ -172,20 +175,28 @@ def batch_norm_fixed(
     saved : BatchNormSaved
         With ``batch_stats=False``; ``mean``, ``var`` and ``invstd`` in the compute dtype.
     """
-    return _fixed("batch_norm_fixed", x, mean, var, weight, bias, axis=axis, eps=eps)
+    y, saved = _fixed("batch_norm_fixed", x, mean, var, weight, bias, axis=axis, eps=eps)
+    assert saved is not None
+    return y, saved
 
 
 def _fixed(
     fn: str, x: Array, mean: Array, var: Array, weight: Array | None, bias: Array | None, *, axis: Any,
-    eps: Any,
-) -> tuple[Array, BatchNormSaved]:
+    eps: Any, keep: bool = True,
+) -> tuple[Array, BatchNormSaved | None]:
+    """:func:`batch_norm_fixed` under the name ``fn``; ``keep=False`` skips ``saved`` (inference)."""
     xp, layout, eps = _validated(fn, x, axis, eps, ("mean", "var"), mean=mean, var=var, weight=weight,
                                  bias=bias)
     kernels = _fast.kernels_for("eval", xp, x)
+    whole = getattr(kernels, "eval_whole", None)  # small inputs: one compiled call, proven equal
+    y = None if whole is None else whole(xp, x, layout, mean, var, weight, bias, eps)
+    if y is not None and not keep:
+        return y, None
     # no reductions: the statistics are given
     coef = fixed_coefficients(xp, mean, var, weight, bias, eps, kernels.coefficient_dtype(xp, x),
                               centering_is_free=kernels.centering_is_free, lazy=is_lazy(x))
-    y = kernels.apply(xp, x, layout, coef.pivot, coef.scale, coef.shift)
+    if y is None:
+        y = kernels.apply(xp, x, layout, coef.pivot, coef.scale, coef.shift)
 
     cdt = compute_dtype(xp, x.dtype)
     saved = BatchNormSaved(
@@ -237,7 +248,7 @@ def batch_norm_eval(
     -------
     y : array, same shape, dtype, namespace and device as ``x``.
     """
-    y, _ = _fixed("batch_norm_eval", x, mean, var, weight, bias, axis=axis, eps=eps)
+    y, _ = _fixed("batch_norm_eval", x, mean, var, weight, bias, axis=axis, eps=eps, keep=False)
     return y
 
 
@@ -287,6 +298,9 @@ def batch_norm_backward(
         )
     layout = saved.layout if saved.layout is not None else layout_of(fn, xp, x, saved.axis)
     kernels = _fast.kernels_for("backward", xp, x, dy)
+    whole = getattr(kernels, "backward_whole", None)  # small inputs: one compiled call, proven equal
+    if whole is not None and (done := whole(xp, dy, saved, layout)) is not None:
+        return done
     dtype = kernels.coefficient_dtype(xp, x)
     pivot = saved.mean if saved.pivot is None else saved.pivot
     # reductions: sum(dy) where dbias or the batch statistics need it, sum(dy * (x - pivot))

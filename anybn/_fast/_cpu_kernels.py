@@ -156,3 +156,144 @@ def grad_input_planes(x, dy, pivot, a, b, k, lo, hi, dx):  # pragma: no cover - 
         pc, ac, bc, kc = pivot[c], a[c], b[c], k[c]
         for i in range(inner):
             dx[n, c, i] = kc * (dy[n, c, i] + ac * (x[n, c, i] - pc) + bc)
+
+
+# ------------------------------------- whole steps for small inputs, on the calling thread only
+# Below ~512 KiB a step is dominated by call overhead: the stages' ~25 small NumPy calls cost
+# more than the passes over x (256 x 64 float32: 42 us staged, 18 us whole). These chain the
+# kernels above with the coefficient formulas of anybn._steps compiled alongside: the one
+# place the coefficients are written twice, kept for plain BN only (variants take the
+# stages) and proven equal to the stages by tests/test_fast.py. An absent weight or bias is
+# an empty array; rounding to x's dtype happens by storing into ``out``, whose dtype is x's.
+
+
+@nb.njit(nogil=True, cache=True)
+def train_coefficients(partial, first, count, eps, weight, bias, out):  # pragma: no cover - compiled
+    """From the partial sums (2, parts, C) of x - first: out = pivot, scale, shift, invstd, var, delta.
+
+    pivot is the mean rounded to out's dtype and delta = mean - pivot, so that
+    y = (x - pivot) * scale + shift with shift = bias - delta * scale.
+    """
+    for c in range(first.shape[0]):
+        s1 = 0.0
+        s2 = 0.0
+        for p in range(partial.shape[1]):
+            s1 += partial[0, p, c]
+            s2 += partial[1, p, c]
+        shifted_mean = s1 / count
+        var = s2 / count - shifted_mean * shifted_mean
+        if var < 0.0:  # rounding only; NaN stays NaN
+            var = 0.0
+        mean = first[c] + shifted_mean
+        invstd = 1.0 / np.sqrt(var + eps)
+        scale = invstd * weight[c] if weight.size else invstd
+        out[0, c] = mean
+        delta = mean - np.float64(out[0, c])
+        shift = -delta * scale
+        if bias.size:
+            shift += bias[c]
+        out[1, c] = scale
+        out[2, c] = shift
+        out[3, c] = invstd
+        out[4, c] = var
+        out[5, c] = delta
+
+
+@nb.njit(nogil=True, cache=True)
+def eval_coefficients(mean, var, eps, weight, bias, out):  # pragma: no cover - compiled
+    """out = pivot, scale, shift with y = (x - pivot) * scale + shift = (x - mean) * invstd * weight + bias."""
+    for c in range(mean.shape[0]):
+        m = np.float64(mean[c])
+        scale = 1.0 / np.sqrt(np.float64(var[c]) + eps)
+        if weight.size:
+            scale *= weight[c]
+        out[0, c] = m
+        shift = -(m - np.float64(out[0, c])) * scale
+        if bias.size:
+            shift += bias[c]
+        out[1, c] = scale
+        out[2, c] = shift
+
+
+@nb.njit(nogil=True, cache=True)
+def backward_coefficients(partial, invstd, weight, delta, count, batch_stats, out):  # pragma: no cover - compiled
+    """From the partial sums (2, parts, C) of dy and dy * (x - pivot): out = a, b, k, dweight, dbias.
+
+    dx = k * (dy + a * (x - pivot) + b) (a = b = 0 for fixed statistics), with
+    dweight = sum(dy * x-hat) and dbias = sum(dy).
+    """
+    for c in range(invstd.shape[0]):
+        sum_dy = 0.0
+        sum_dy_d = 0.0
+        for p in range(partial.shape[1]):
+            sum_dy += partial[0, p, c]
+            sum_dy_d += partial[1, p, c]
+        istd = np.float64(invstd[c])
+        dlt = np.float64(delta[c]) if delta.size else 0.0
+        sum_dy_xhat = (sum_dy_d - dlt * sum_dy) * istd
+        a = 0.0
+        b = 0.0
+        if batch_stats:
+            a = -istd * sum_dy_xhat / count
+            b = -sum_dy / count - a * dlt
+        out[0, c] = a
+        out[1, c] = b
+        out[2, c] = istd * weight[c] if weight.size else istd
+        out[3, c] = sum_dy_xhat
+        out[4, c] = sum_dy
+
+
+
+
+@nb.njit(nogil=True, cache=True)
+def train_rows_whole(x, eps, weight, bias, y, coef):  # pragma: no cover - compiled
+    """Training forward of (R, C) on the calling thread: y and coef as in train_coefficients."""
+    first = x[0].astype(np.float64)
+    partial = np.zeros((2, 1, x.shape[1]))
+    moments_rows(x, first, 0, x.shape[0], partial[0, 0], partial[1, 0])
+    train_coefficients(partial, first, x.shape[0], eps, weight, bias, coef)
+    affine_rows(x, coef[0], coef[1], coef[2], 0, x.shape[0], y)
+
+
+@nb.njit(nogil=True, cache=True)
+def train_planes_whole(x, eps, weight, bias, y, coef):  # pragma: no cover - compiled
+    """As train_rows_whole for (N, C, L)."""
+    first = x[0, :, 0].astype(np.float64)
+    partial = np.zeros((2, 1, x.shape[1]))
+    units = x.shape[0] * x.shape[1]
+    moments_planes(x, first, 0, units, partial[0, 0], partial[1, 0])
+    train_coefficients(partial, first, x.shape[0] * x.shape[2], eps, weight, bias, coef)
+    affine_planes(x, coef[0], coef[1], coef[2], 0, units, y)
+
+
+@nb.njit(nogil=True, cache=True)
+def backward_rows_whole(x, dy, pivot, invstd, weight, delta, batch_stats, dx, coef):  # pragma: no cover
+    """Backward of (R, C) on the calling thread: dx, and coef as in backward_coefficients."""
+    partial = np.zeros((2, 1, x.shape[1]))
+    grad_sums_rows(x, dy, pivot.astype(np.float64), 0, x.shape[0], partial[0, 0], partial[1, 0])
+    backward_coefficients(partial, invstd, weight, delta, x.shape[0], batch_stats, coef)
+    grad_input_rows(x, dy, pivot, coef[0], coef[1], coef[2], 0, x.shape[0], dx)
+
+
+@nb.njit(nogil=True, cache=True)
+def backward_planes_whole(x, dy, pivot, invstd, weight, delta, batch_stats, dx, coef):  # pragma: no cover
+    """As backward_rows_whole for (N, C, L)."""
+    partial = np.zeros((2, 1, x.shape[1]))
+    units = x.shape[0] * x.shape[1]
+    grad_sums_planes(x, dy, pivot.astype(np.float64), 0, units, partial[0, 0], partial[1, 0])
+    backward_coefficients(partial, invstd, weight, delta, x.shape[0] * x.shape[2], batch_stats, coef)
+    grad_input_planes(x, dy, pivot, coef[0], coef[1], coef[2], 0, units, dx)
+
+
+@nb.njit(nogil=True, cache=True)
+def eval_rows_whole(x, mean, var, eps, weight, bias, y, coef):  # pragma: no cover - compiled
+    """Inference of (R, C) on the calling thread: coef (3, C) as in eval_coefficients."""
+    eval_coefficients(mean, var, eps, weight, bias, coef)
+    affine_rows(x, coef[0], coef[1], coef[2], 0, x.shape[0], y)
+
+
+@nb.njit(nogil=True, cache=True)
+def eval_planes_whole(x, mean, var, eps, weight, bias, y, coef):  # pragma: no cover - compiled
+    """As eval_rows_whole for (N, C, L)."""
+    eval_coefficients(mean, var, eps, weight, bias, coef)
+    affine_planes(x, coef[0], coef[1], coef[2], 0, x.shape[0] * x.shape[1], y)

@@ -34,6 +34,7 @@ import numpy as np
 
 from .._layout import Layout
 from .._moments import GradSums, Sums
+from .._saved import BatchNormSaved
 
 __all__ = ["CpuPath"]
 
@@ -203,6 +204,50 @@ class CpuPath:
         self._map(lambda lo, hi: kernel(*args, lo, hi, dx), view, x.nbytes)
         return dx.reshape(x.shape)
 
+    # ------------------------------------------- whole steps for small inputs (plain BN only)
+    # None where the input is large enough to be split across threads: the stages serve it.
+
+    def train_whole(self, xp: Any, x: np.ndarray, layout: Layout, weight: Any, bias: Any,
+                    eps: float) -> tuple[np.ndarray, BatchNormSaved] | None:
+        view = _View(layout)
+        if self._split(view, x.nbytes)[1] != 1:
+            return None
+        xv = view.fold(x)
+        coef = np.empty((6, view.features), dtype=x.dtype)  # pivot, scale, shift, invstd, var, delta
+        y = np.empty_like(xv)
+        whole = self._k.train_rows_whole if view.rows else self._k.train_planes_whole
+        whole(xv, eps, _given(weight), _given(bias), y, coef)
+        pivot, _, _, invstd, var, delta = coef
+        saved = BatchNormSaved(x=x, mean=pivot, invstd=invstd, var=var, weight=weight, has_bias=bias is not None,
+                               axis=layout.axis, eps=eps, count=view.count, pivot=pivot, delta=delta, layout=layout)
+        return y.reshape(x.shape), saved
+
+    def eval_whole(self, xp: Any, x: np.ndarray, layout: Layout, mean: Any, var: Any, weight: Any, bias: Any,
+                   eps: float) -> np.ndarray | None:
+        view = _View(layout)
+        if self._split(view, x.nbytes)[1] != 1:
+            return None
+        xv = view.fold(x)
+        y = np.empty_like(xv)
+        whole = self._k.eval_rows_whole if view.rows else self._k.eval_planes_whole
+        whole(xv, np.asarray(mean), np.asarray(var), eps, _given(weight), _given(bias), y,
+              np.empty((3, view.features), dtype=x.dtype))
+        return y.reshape(x.shape)
+
+    def backward_whole(self, xp: Any, dy: np.ndarray, saved: BatchNormSaved,
+                       layout: Layout) -> tuple[np.ndarray, Any, Any] | None:
+        x = saved.x
+        view = _View(layout)
+        if not saved.batch_stats or saved.pivot is None or self._split(view, x.nbytes)[1] != 1:
+            return None
+        dx = np.empty_like(view.fold(x))
+        coef = np.empty((5, view.features), dtype=x.dtype)  # a, b, k, dweight, dbias
+        whole = self._k.backward_rows_whole if view.rows else self._k.backward_planes_whole
+        whole(view.fold(x), view.fold(dy), np.asarray(saved.pivot, dtype=x.dtype), np.asarray(saved.invstd),
+              _given(saved.weight), np.asarray(saved.delta), True, dx, coef)
+        return (dx.reshape(x.shape), None if saved.weight is None else coef[3],
+                coef[4] if saved.has_bias else None)
+
     # ------------------------------------------------------------------ threading
 
     def _split(self, view: _View, nbytes: int) -> tuple[int, int]:
@@ -239,6 +284,14 @@ class CpuPath:
         kernel = k.affine_rows if view.rows else k.affine_planes
         self._map(lambda lo, hi: kernel(xv, pivot, scale, shift, lo, hi, y), view, xv.nbytes)
         return y
+
+
+_ABSENT = np.empty(0)
+
+
+def _given(a: Any) -> np.ndarray:
+    """A (C,) vector for the whole-step kernels; an empty one stands for None."""
+    return _ABSENT if a is None else np.asarray(a)
 
 
 def _vector(a: Any, dtype: Any, features: int) -> np.ndarray:
