@@ -9,9 +9,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from backends import FACTORIES, MISSING_REASON, get_backend  # noqa: E402
+from backends import NAMES, get_backend, skip_reason  # noqa: E402
 
-ALL_BACKENDS = list(FACTORIES)
+ALL_BACKENDS = list(NAMES)
 
 
 @pytest.fixture(params=ALL_BACKENDS)
@@ -19,11 +19,12 @@ def backend(request, monkeypatch):
     """A :class:`backends.Backend`; skips with the reason where the library is absent.
 
     "numpy" takes the fast path where one is installed (numba), "numpy:generic" the
-    array-API path (``ANYBN_FAST_PATHS=0``), so every test covers both.
+    array-API path (``ANYBN_FAST_PATHS=0``), so every test covers both. The backends are
+    those of :mod:`anybn.testing` (see ``backends.py``).
     """
     b = get_backend(request.param)
     if b is None:
-        pytest.skip(MISSING_REASON[request.param])
+        pytest.skip(skip_reason(request.param))
     if b.generic_only:
         monkeypatch.setenv("ANYBN_FAST_PATHS", "0")
     return b

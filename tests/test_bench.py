@@ -6,6 +6,7 @@ No test here asserts a speed: speed is shown by the benchmarks, never by timed u
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import os
 import subprocess
@@ -16,7 +17,7 @@ import pytest
 from reference import reference_backward, reference_batch_norm
 
 from anybn import _fast, cli
-from anybn.bench import cases
+from anybn.bench import backends, cases, memory, shapes, timing
 from anybn.bench import cli as bench_cli
 
 TINY = ("16x5", "nchw:4x3x5x6", "nhwc:4x5x6x3")
@@ -36,15 +37,15 @@ def _prepare_or_skip(*args, **kwargs) -> cases.Case:
 # ------------------------------------------------------------------------------ the cases
 
 
-@pytest.mark.parametrize("op", cases.OPS)
+@pytest.mark.parametrize("op", shapes.OPS)
 @pytest.mark.parametrize("shape", TINY)
-@pytest.mark.parametrize("backend", cases.BACKENDS)
+@pytest.mark.parametrize("backend", backends.BACKENDS)
 def test_each_backend_computes_batch_norm(backend, shape, op):
     case = _prepare_or_skip(backend, shape, op, "float32")
     with case.environment():
         outputs = case.run()
     got = case.to_numpy(outputs)
-    want = cases.reference(shape, op, "float32")
+    want = cases.expected(shape, op, "float32")
     assert len(got) == len(want) == (3 if op == "backward" else 1)
     for g, w in zip(got, want):
         assert g.shape == w.shape
@@ -62,17 +63,17 @@ def test_other_dtypes_within_their_tolerance(backend, dtype):
 
 
 @pytest.mark.parametrize("shape", TINY)
-def test_reference_matches_the_test_suite_reference(shape):
-    s = cases.parse_shape(shape)
-    d = cases.make_data(shape, "float32")
-    (y,) = cases.reference(shape, "train")
-    np.testing.assert_allclose(y, reference_batch_norm(d.x, s.axis, d.gamma, d.beta, cases.EPS), rtol=1e-12)
-    dx, dg, db = cases.reference(shape, "backward")
-    want = reference_backward(d.x, d.dy, s.axis, d.gamma, cases.EPS)
+def test_expected_matches_the_test_suite_reference(shape):
+    s = shapes.parse_shape(shape)
+    d = shapes.make_data(shape, "float32")
+    (y,) = cases.expected(shape, "train")
+    np.testing.assert_allclose(y, reference_batch_norm(d.x, s.axis, d.gamma, d.beta, shapes.EPS), rtol=1e-12)
+    dx, dg, db = cases.expected(shape, "backward")
+    want = reference_backward(d.x, d.dy, s.axis, d.gamma, shapes.EPS)
     for got, expected in zip((dx, dg, db), want):
         np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-12)
-    (ye,) = cases.reference(shape, "eval")
-    np.testing.assert_allclose(ye, reference_batch_norm(d.x, s.axis, d.gamma, d.beta, cases.EPS,
+    (ye,) = cases.expected(shape, "eval")
+    np.testing.assert_allclose(ye, reference_batch_norm(d.x, s.axis, d.gamma, d.beta, shapes.EPS,
                                                         mean=d.running_mean, var=d.running_var), rtol=1e-12)
 
 
@@ -92,7 +93,7 @@ def test_numpy_backends_hold_their_fast_path_setting(monkeypatch):
     with generic.environment():
         assert os.environ["ANYBN_FAST_PATHS"] == "0" and not _fast.fast_paths_enabled()
     assert os.environ["ANYBN_FAST_PATHS"] == "1"  # restored
-    d = cases.make_data("16x5")
+    d = shapes.make_data("16x5")
     served = _fast.select("train", np, d.x)  # what anybn itself picks for these arrays
     assert fast.path == ("generic" if served is None else served.name)
 
@@ -109,11 +110,11 @@ def test_torch_gets_channels_last_memory():
 
 
 def test_byte_counts():
-    assert [cases.traffic_bytes(op, 1000) for op in ("train", "eval", "backward")] == [3000, 2000, 5000]
+    assert [shapes.traffic_bytes(op, 1000) for op in ("train", "eval", "backward")] == [3000, 2000, 5000]
     case = cases.prepare("naive", "nchw:4x3x5x6", "backward")
     assert case.nbytes == 4 * 3 * 5 * 6 * 4
     assert case.traffic == 5 * case.nbytes
-    with cases.CopyTimer(1001, threads=2) as copy:
+    with timing.CopyTimer(1001, threads=2) as copy:
         assert copy.traffic == 2 * 1001
         copy._src[:] = np.arange(1001) % 251
         assert copy.timer(2)() > 0
@@ -143,7 +144,7 @@ def test_unavailable_backends_skip_with_a_reason(monkeypatch):
      ("nhwc:32x56x56x64", (32, 56, 56, 64), 3), ("NLC:2x7x3", (2, 7, 3), 2), ("4x3x5x6", (4, 3, 5, 6), 1)],
 )
 def test_parse_shape(spec, dims, axis):
-    s = cases.parse_shape(spec)
+    s = shapes.parse_shape(spec)
     assert (s.dims, s.axis, s.spec) == (dims, axis, spec)
 
 
@@ -154,11 +155,11 @@ def test_parse_shape(spec, dims, axis):
 )
 def test_parse_shape_errors(spec, match):
     with pytest.raises(ValueError, match=match):
-        cases.parse_shape(spec)
+        shapes.parse_shape(spec)
 
 
 def test_schedule_rotates_every_name_once_per_round():
-    order = list(cases.schedule(["a", "b", "c"], 3))
+    order = list(timing.schedule(["a", "b", "c"], 3))
     rounds = [order[i:i + 3] for i in range(0, 9, 3)]
     assert rounds == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]]
 
@@ -167,10 +168,10 @@ def test_training_forward_keeps_nothing_the_size_of_x():
     shape = "1024x64"
     nbytes = 1024 * 64 * 4
     for backend in ("numpy-fast", "numpy-generic"):
-        peak, retained = cases.traced_memory(cases.prepare(backend, shape, "train"))
+        peak, retained = memory.traced_memory(cases.prepare(backend, shape, "train"))
         assert nbytes <= retained < 1.05 * nbytes, backend  # y and O(C) vectors
         assert peak >= retained
-    _, naive_retained = cases.traced_memory(cases.prepare("naive", shape, "train"))
+    _, naive_retained = memory.traced_memory(cases.prepare("naive", shape, "train"))
     assert naive_retained >= 3 * nbytes  # out, and x-hat and x - mu in its cache
 
 
@@ -194,15 +195,17 @@ def test_cli_json_report(capsys):
     ran = {r["backend"] for r in report["results"]}
     assert ran >= expected
     skipped = {s["backend"] for s in report["skipped"]}
-    assert ran | skipped == set(cases.BACKENDS) and not ran & skipped
+    assert ran | skipped == set(backends.BACKENDS) and not ran & skipped
     assert all(s["reason"] for s in report["skipped"])
     for r in report["results"]:
         assert set(r) >= {"shape", "op", "backend", "path", "median_ms", "gbps", "copy_fraction",
-                          "vs_torch", "max_error", "accurate", "samples_ms", "traffic_bytes"}
+                          "vs_torch", "vs_torch_raw", "vs_torch_flag", "stability", "spread",
+                          "max_error", "accurate", "samples_ms", "traffic_bytes"}
+        assert r["stability"] in ("stable", "noisy")  # 2 rounds cannot be bimodal
         assert len(r["samples_ms"]) == 2 and r["median_ms"] > 0
         assert r["accurate"] and r["max_error"] <= 1e-4
         nbytes = int(np.prod(r["dims"])) * 4
-        assert r["traffic_bytes"] == cases.TRAFFIC[r["op"]] * nbytes
+        assert r["traffic_bytes"] == shapes.TRAFFIC[r["op"]] * nbytes
         assert r["gbps"] == pytest.approx(r["traffic_bytes"] / (r["median_ms"] * 1e-3) / 1e9)
         if r["backend"] == "torch":
             assert r["vs_torch"] == pytest.approx(1.0)
@@ -242,10 +245,13 @@ def test_cli_table_and_wrong_results(monkeypatch, capsys):
     assert "differs from the float64 reference: numpy-generic train 8x3" in out.err
 
 
-def _bench_subprocess(env_extra: dict[str, str]) -> subprocess.CompletedProcess:
+_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "1000000000", "MALLOC_TRIM_THRESHOLD_": "1000000000"}
+
+
+def _bench_subprocess(env_extra: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")} | env_extra
     return subprocess.run([sys.executable, "-m", "anybn", "bench", "--json", "--shapes", "8x3",
-                           "--rounds", "1", "--backend", "numpy-generic,naive", "--ops", "eval"],
+                           "--rounds", "1", "--backend", "numpy-generic,naive", "--ops", "eval", *args],
                           capture_output=True, text=True, timeout=300, env=env)
 
 
@@ -255,18 +261,143 @@ def test_cli_stdout_is_only_json_and_malloc_hint_on_stderr():
     report = json.loads(done.stdout)  # nothing but the JSON on stdout
     assert report["environment"]["malloc_thresholds"] is False
     assert "MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=1000000000" in done.stderr
-    quiet = _bench_subprocess({"MALLOC_MMAP_THRESHOLD_": "1000000000", "MALLOC_TRIM_THRESHOLD_": "1000000000"})
+    quiet = _bench_subprocess(_MALLOC)
     assert quiet.returncode == 0, quiet.stderr
     assert "MALLOC_MMAP_THRESHOLD_" not in quiet.stderr
     assert json.loads(quiet.stdout)["environment"]["malloc_thresholds"] is True
 
 
+def test_no_progress_silences_stderr():
+    # tqdm draws on stderr even when it is not a terminal: the bars show there without the flag
+    shown = _bench_subprocess(_MALLOC)
+    assert shown.returncode == 0, shown.stderr
+    assert "preparing" in shown.stderr and "timing" in shown.stderr
+    quiet = _bench_subprocess(_MALLOC, "--no-progress")
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stderr == ""
+    assert [r["backend"] for r in json.loads(quiet.stdout)["results"]] == ["numpy-generic", "naive"]
+
+
 def test_importing_the_bench_package_imports_no_backend():
-    code = ("import sys, anybn.bench.cases, anybn.bench.cli, anybn.bench.plot; "
+    code = ("import sys, anybn.bench.cases, anybn.bench.cli, anybn.bench.plot, anybn.bench.timing, "
+            "anybn.bench.memory; "
             "print(sorted(m for m in ('torch', 'dask', 'cupy', 'array_api_strict', 'matplotlib') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+# --------------------------------------------------------------------- stability of samples
+
+
+def test_stable_samples():
+    got = timing.stability([1.0, 1.02, 0.98, 1.01, 0.99, 1.03, 1.0])
+    # sorted 0.98 0.99 1.0 1.0 1.01 1.02 1.03: quartiles at positions 1.5 and 4.5
+    assert got.verdict == "stable" and got.slow == 0 and got.gap == 1.0
+    assert got.spread == pytest.approx((1.015 - 0.995) / 1.0)
+
+
+def test_noisy_samples():
+    # no two neighbours 2x apart, but the middle half spreads (2.65 - 1.35) / 1.9 = 68% of the median
+    got = timing.stability([2.4, 1.0, 3.5, 1.5, 1.2, 2.9, 1.9])
+    assert got.verdict == "noisy"
+    assert got.spread == pytest.approx(1.3 / 1.9)
+    assert got.spread > timing.NOISY_SPREAD
+    assert "noisy" in got.describe(7)
+
+
+def test_bimodal_samples():
+    # what PyTorch's 2-thread timings did here: ~0.02 ms, or a stall of ~8 ms or a multiple
+    got = timing.stability([0.02, 8.0, 0.021, 16.1, 0.019, 8.05, 0.02])
+    assert got.verdict == "bimodal"
+    assert got.slow == 3 and got.gap == pytest.approx(8.0 / 0.021)
+    assert got.describe(7) == "bimodal, 3 of 7 rounds 381x or more slower than the rest"
+    # the slow group in the majority: the median is the stall itself
+    assert timing.stability([8.0, 0.02, 8.1, 16.0, 0.021, 8.0, 7.9]).slow == 5
+    # exactly 2x between groups of two or more is bimodal; just under is not
+    assert timing.stability([1.0, 1.0, 1.0, 1.0, 1.0, 2.0, 2.0]).verdict == "bimodal"
+    assert timing.stability([1.0, 1.0, 1.0, 1.0, 1.0, 1.9, 1.9]).verdict == "stable"
+
+
+def test_single_outliers_are_not_modes():
+    assert timing.stability([1.0, 1.0, 1.01, 0.99, 1.0, 1.0, 50.0]).verdict == "stable"
+    assert timing.stability([0.01, 1.0, 1.01, 0.99, 1.0, 1.0, 1.02]).verdict == "stable"
+    # three samples cannot hold two groups of two: a wide spread is noisy, not bimodal
+    few = timing.stability([1.0, 100.0, 1.0])
+    assert few.verdict == "noisy" and few.spread == pytest.approx((50.5 - 1.0) / 1.0)
+    assert timing.stability([5.0]).verdict == "stable"
+
+
+def test_stability_rejects_bad_samples():
+    with pytest.raises(ValueError, match="no samples"):
+        timing.stability([])
+    with pytest.raises(ValueError, match="positive"):
+        timing.stability([1.0, 0.0, 1.0])
+
+
+def test_calibrate_ignores_a_stalled_probe():
+    probes = iter([8e-3, 1e-5, 1e-5])  # the first probe stalled for 8 ms
+
+    def timer(number: int):
+        return lambda: next(probes)
+
+    assert timing.calibrate(timer, min_sample=1e-3) == 100  # from the 10 us probe, not the stall
+    slow = iter([0.06])
+    assert timing.calibrate(lambda n: (lambda: next(slow)), min_sample=1e-3) == 1  # one probe: budget spent
+
+
+def _planted_timer(samples: dict[str, list[float]]):
+    """A Case.timer whose samples are ``samples[backend]``, cycled: each backend's rounds are
+    one whole cycle of 7, whichever sample the calibration probes stopped at."""
+    streams = {name: itertools.cycle(values) for name, values in samples.items()}
+
+    def timer(self, number: int = 1):
+        return lambda: next(streams[self.backend])
+
+    return timer
+
+
+def _planted_report(monkeypatch, samples: dict[str, list[float]]) -> dict:
+    monkeypatch.setattr(cases.Case, "timer", _planted_timer(samples))
+    return bench_cli.measure(["8x3"], ["eval"], list(samples), rounds=7, show_progress=False)
+
+
+def test_bimodal_peer_gets_no_ratio(monkeypatch):
+    pytest.importorskip("torch")
+    report = _planted_report(monkeypatch, {
+        "torch": [1e-5, 8e-3, 1e-5, 8e-3, 1e-5, 8e-3, 1.6e-2],  # 4 of 7 stalled: median 8 ms
+        "naive": [2e-5] * 7,
+    })
+    rows = {r["backend"]: r for r in report["results"]}
+    assert rows["torch"]["stability"] == "bimodal" and rows["naive"]["stability"] == "stable"
+    naive = rows["naive"]
+    assert naive["vs_torch"] is None and naive["vs_torch_flag"] == "bimodal"
+    assert naive["vs_torch_raw"] == pytest.approx(2e-5 / 8e-3)  # what used to be printed
+    lines = bench_cli.table(report).splitlines()
+    torch_line = next(line for line in lines if " torch " in line and "aten" in line)
+    naive_line = next(line for line in lines if " naive " in line)
+    assert "! bimodal" in torch_line and "bimodal" not in naive_line
+    assert naive_line.split()[-1] == "\u2014" and "0.0025" not in naive_line
+    assert any("torch eval 8x3: bimodal, 4 of 7 rounds" in line for line in lines)
+    assert json.loads(json.dumps(report))["results"]  # still plain data
+
+
+def test_noisy_row_gets_a_marked_ratio(monkeypatch):
+    pytest.importorskip("torch")
+    report = _planted_report(monkeypatch, {
+        "torch": [1e-5] * 7,
+        "naive": [2e-5] * 7,
+        "numpy-generic": [2.4e-5, 1.0e-5, 3.5e-5, 1.5e-5, 1.2e-5, 2.9e-5, 1.9e-5],
+    })
+    rows = {r["backend"]: r for r in report["results"]}
+    assert rows["naive"]["vs_torch"] == pytest.approx(2.0) and rows["naive"]["vs_torch_flag"] is None
+    noisy = rows["numpy-generic"]
+    assert noisy["stability"] == "noisy" and noisy["vs_torch_flag"] == "noisy"
+    assert noisy["vs_torch"] == pytest.approx(1.9)
+    lines = bench_cli.table(report).splitlines()
+    assert next(line for line in lines if " naive " in line).split()[-1] == "2"
+    generic = next(line for line in lines if " numpy-generic " in line)
+    assert generic.split()[-3:] == ["1.9?", "~", "noisy"]
 
 
 # ------------------------------------------------------------------------------- the plot

@@ -5,8 +5,17 @@ skipped with its reason. Before timing, each case's output is checked against a 
 NumPy reference, so a fast wrong answer cannot pass for a result. Timing is in interleaved
 rounds: each round runs every case of a shape once, and a copy of x's bytes, in an order
 rotated by one from the round before, so that machine noise hits all of them alike; a
-table of medians follows. See :mod:`anybn.bench.cases` for the backends, the byte counts
-and the copy that "% copy" refers to.
+table of medians follows. See :mod:`anybn.bench.backends` for the backends,
+:mod:`anybn.bench.shapes` for the byte counts and :mod:`anybn.bench.timing` for the copy
+that "% copy" refers to.
+
+Each row's per-round samples are judged by :func:`anybn.bench.timing.stability`: a row whose
+samples are bimodal (two groups 2x or more apart, at least 2 rounds in each) gets no ratio
+to PyTorch, and neither do the rows compared with a bimodal PyTorch row, since the median
+then depends on which rounds stalled; a noisy row (the middle half of its rounds spread
+more than 50 % of the median) gets its ratio marked ``?``. The JSON has ``stability`` and
+``spread`` per row, ``vs_torch`` (None where no ratio is printed), ``vs_torch_raw`` (the
+quotient of the medians, always) and ``vs_torch_flag`` (None, "noisy" or "bimodal").
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from . import cases
+from . import backends, cases, shapes, timing
 
 __all__ = ["configure", "measure", "run", "table"]
 
@@ -47,9 +56,9 @@ def _choices(kind: str, allowed: Sequence[str]):
     return parse
 
 
-def _shapes(text: str) -> list[cases.Shape]:
+def _shapes(text: str) -> list[shapes.Shape]:
     try:
-        return [cases.parse_shape(s) for s in text.split(",") if s.strip()]
+        return [shapes.parse_shape(s) for s in text.split(",") if s.strip()]
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -70,15 +79,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "Time anybn's batch norm (NumPy fast and generic paths, array_api_strict, Dask, CuPy) "
         "against PyTorch and naive NumPy on this machine: medians of interleaved rounds."
     )
-    parser.add_argument("--shapes", type=_shapes, default=_shapes(",".join(cases.DEFAULT_SHAPES)),
+    parser.add_argument("--shapes", type=_shapes, default=_shapes(",".join(shapes.DEFAULT_SHAPES)),
                         help="comma list of [layout:]NxC... shapes; the position of 'c' in the layout "
-                             f"is the feature axis (default {','.join(cases.DEFAULT_SHAPES)})")
-    parser.add_argument("--dtype", choices=cases.DTYPES, default="float32", help="default float32")
-    parser.add_argument("--backend", type=_choices("backend", cases.BACKENDS),
-                        default=list(cases.BACKENDS),
-                        help=f"comma list of {','.join(cases.BACKENDS)} (default: all that are installed)")
-    parser.add_argument("--ops", type=_choices("op", cases.OPS), default=list(cases.OPS),
-                        help=f"comma list of {','.join(cases.OPS)} (default: all)")
+                             f"is the feature axis (default {','.join(shapes.DEFAULT_SHAPES)})")
+    parser.add_argument("--dtype", choices=shapes.DTYPES, default="float32", help="default float32")
+    parser.add_argument("--backend", type=_choices("backend", backends.BACKENDS),
+                        default=list(backends.BACKENDS),
+                        help=f"comma list of {','.join(backends.BACKENDS)} (default: all that are installed)")
+    parser.add_argument("--ops", type=_choices("op", shapes.OPS), default=list(shapes.OPS),
+                        help=f"comma list of {','.join(shapes.OPS)} (default: all)")
     parser.add_argument("--rounds", type=_positive, default=DEFAULT_ROUNDS,
                         help=f"interleaved rounds; the median is over these (default {DEFAULT_ROUNDS})")
     parser.add_argument("--threads", type=_positive, default=2,
@@ -86,6 +95,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "(ANYBN_NUM_THREADS) and the reference copy (default 2)")
     parser.add_argument("--json", action="store_true",
                         help="write the results as JSON to stdout (the table is not printed)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
 
 
 def _environment(threads: int) -> dict[str, Any]:
@@ -110,9 +120,9 @@ def _environment(threads: int) -> dict[str, Any]:
 
 
 def measure(
-    shapes: Sequence[str | cases.Shape],
-    ops: Sequence[str] = cases.OPS,
-    backends: Sequence[str] = cases.BACKENDS,
+    shape_specs: Sequence[str | shapes.Shape],
+    ops: Sequence[str] = shapes.OPS,
+    backend_names: Sequence[str] = backends.BACKENDS,
     *,
     dtype: str = "float32",
     rounds: int = DEFAULT_ROUNDS,
@@ -123,11 +133,11 @@ def measure(
     from .. import __version__
     from .._progress import progress
 
-    parsed = [cases.parse_shape(s) for s in shapes]
+    parsed = [shapes.parse_shape(s) for s in shape_specs]
     prepared: dict[str, list[cases.Case]] = {}
     skipped: list[dict[str, str]] = []
     errors: dict[int, float] = {}
-    todo = [(s, op, b) for s in parsed for op in ops for b in backends]
+    todo = [(s, op, b) for s in parsed for op in ops for b in backend_names]
     for shape, op, backend in progress(todo, total=len(todo), desc="preparing", enabled=show_progress):
         try:
             case = cases.prepare(backend, shape, op, dtype, threads=threads)
@@ -143,15 +153,15 @@ def measure(
     total = sum(rounds * (len(cs) + 1) for cs in prepared.values())
     bar = progress(range(total), total=total, desc="timing", enabled=show_progress)
     for spec, shape_cases in prepared.items():
-        with cases.CopyTimer(shape_cases[0].nbytes, threads) as copy:
+        with timing.CopyTimer(shape_cases[0].nbytes, threads) as copy:
             timers = {}
             for case in shape_cases:
-                numbers[id(case)] = cases.calibrate(case.timer)
+                numbers[id(case)] = timing.calibrate(case.timer)
                 timers[str(id(case))] = case.timer(numbers[id(case)])
-            copy_number = cases.calibrate(copy.timer)
+            copy_number = timing.calibrate(copy.timer)
             timers["copy"] = copy.timer(copy_number)
             got: dict[str, list[float]] = {k: [] for k in timers}
-            for key in cases.schedule(list(timers), rounds):
+            for key in timing.schedule(list(timers), rounds):
                 got[key].append(timers[key]())
                 next(bar, None)
         for case in shape_cases:
@@ -159,17 +169,15 @@ def measure(
         copy_s = statistics.median(got["copy"])
         copies[spec] = {"shape": spec, "nbytes": copy.nbytes, "traffic_bytes": copy.traffic,
                         "median_ms": copy_s * 1e3, "gbps": copy.traffic / copy_s / 1e9,
-                        "threads": threads, "calls_per_sample": copy_number}
+                        "threads": threads, "calls_per_sample": copy_number,
+                        **_stability_fields(got["copy"])}
     for _ in bar:  # drain, so the bar closes
         pass
 
     results: list[dict[str, Any]] = []
-    peer: dict[tuple[str, str], float] = {}
     for spec, shape_cases in prepared.items():
         for case in shape_cases:
             t = statistics.median(samples[id(case)])
-            if case.backend == cases.PEER:
-                peer[(spec, case.op)] = t
             gbps = case.traffic / t / 1e9
             results.append({
                 "shape": spec, "dims": list(case.shape.dims), "axis": case.shape.axis,
@@ -177,23 +185,52 @@ def measure(
                 "median_ms": t * 1e3, "min_ms": min(samples[id(case)]) * 1e3,
                 "samples_ms": [s * 1e3 for s in samples[id(case)]],
                 "calls_per_sample": numbers[id(case)],
+                **_stability_fields(samples[id(case)]),
                 "traffic_bytes": case.traffic, "gbps": gbps,
                 "copy_fraction": gbps / copies[spec]["gbps"] if case.device == "cpu" else None,
                 "max_error": errors[id(case)], "accurate": errors[id(case)] <= cases.tolerance(dtype),
             })
-    for r in results:
-        base = peer.get((r["shape"], r["op"]))
-        r["vs_torch"] = r["median_ms"] / (base * 1e3) if base else None
+    _add_ratios(results)
     return {
         "anybn": __version__,
         "dtype": dtype,
         "rounds": rounds,
         "tolerance": cases.tolerance(dtype),
+        "stability_rule": {"bimodal_gap": timing.BIMODAL_GAP, "min_mode": timing.MIN_MODE,
+                           "noisy_spread": timing.NOISY_SPREAD},
         "environment": _environment(threads),
         "copies": list(copies.values()),
         "results": results,
         "skipped": skipped,
     }
+
+
+def _stability_fields(samples: Sequence[float]) -> dict[str, Any]:
+    verdict = timing.stability(samples)
+    return {"stability": verdict.verdict, "spread": verdict.spread,
+            "stability_note": verdict.describe(len(samples))}
+
+
+_SEVERITY = {"stable": 0, "noisy": 1, "bimodal": 2}
+
+
+def _add_ratios(results: list[dict[str, Any]]) -> None:
+    """Set each row's time over the peer's: ``vs_torch`` only where both medians hold up.
+
+    ``vs_torch_raw`` is the quotient of the medians whenever the peer ran; ``vs_torch_flag``
+    the worse verdict of the two rows when it is not "stable"; ``vs_torch`` is None when
+    that verdict is "bimodal" (the ratio then says which rounds stalled).
+    """
+    peer = {(r["shape"], r["op"]): r for r in results if r["backend"] == backends.PEER}
+    for r in results:
+        base = peer.get((r["shape"], r["op"]))
+        if base is None:
+            r.update(vs_torch=None, vs_torch_raw=None, vs_torch_flag=None)
+            continue
+        raw = r["median_ms"] / base["median_ms"]
+        worst = max(r["stability"], base["stability"], key=_SEVERITY.__getitem__)
+        r.update(vs_torch=None if worst == "bimodal" else raw, vs_torch_raw=raw,
+                 vs_torch_flag=None if worst == "stable" else worst)
 
 
 def _ms(value: float) -> str:
@@ -204,8 +241,15 @@ def _ms(value: float) -> str:
     return format(value, ".4f")
 
 
-def _ratio(value: float | None) -> str:
-    return "-" if value is None else format(value, ".3g")
+def _ratio(row: dict[str, Any]) -> str:
+    if row["vs_torch_raw"] is None:
+        return "-"  # no peer to compare with
+    if row["vs_torch"] is None:
+        return "\u2014"  # withheld: a bimodal row on either side
+    return format(row["vs_torch"], ".3g") + ("?" if row["vs_torch_flag"] == "noisy" else "")
+
+
+_FLAGS = {"noisy": "  ~ noisy", "bimodal": "  ! bimodal"}
 
 
 def table(report: dict[str, Any]) -> str:
@@ -216,24 +260,47 @@ def table(report: dict[str, Any]) -> str:
         f"rounds, {env['threads']} threads, OMP_WAIT_POLICY={env.get('omp_wait_policy') or 'unset'}, "
         f"glibc malloc thresholds {'set' if env.get('malloc_thresholds') else 'unset'}",
         "ms: per call; GB/s: minimal traffic (train 3x, eval 2x, backward 5x the bytes of x); "
-        "% copy: of the copy line's GB/s; / torch: time over PyTorch's",
+        "% copy: of the copy line's GB/s; spread: (75th - 25th percentile) / median of the rounds; "
+        "/ torch: time over PyTorch's",
         "",
-        f"{'shape':<20}{'op':<10}{'backend':<18}{'path':<11}{'ms':>9}{'GB/s':>8}{'% copy':>8}{'/ torch':>9}",
+        f"{'shape':<20}{'op':<10}{'backend':<18}{'path':<11}{'ms':>9}{'GB/s':>8}{'% copy':>8}{'spread':>8}"
+        f"{'/ torch':>9}",
     ]
     copies = {c["shape"]: c for c in report["copies"]}
-    flagged = False
+    inaccurate = False
+    unstable: list[str] = []
     for spec, copy in copies.items():
         lines.append(f"{spec:<20}{'copy':<10}{'np.copyto':<18}{'':<11}{_ms(copy['median_ms']):>9}"
-                     f"{copy['gbps']:>8.1f}{100:>7d}%{'':>9}")
+                     f"{copy['gbps']:>8.1f}{100:>7d}%{_percent(copy.get('spread')):>8}{'':>9}"
+                     f"{_FLAGS.get(copy.get('stability', 'stable'), '')}")
+        if copy.get("stability", "stable") != "stable":
+            unstable.append(f"  copy {spec}: {copy['stability_note']}")
         for r in (r for r in report["results"] if r["shape"] == spec):
-            mark = "" if r["accurate"] else "  ! inaccurate"
-            flagged |= not r["accurate"]
+            mark = _FLAGS.get(r["stability"], "")
+            if not r["accurate"]:
+                mark += "  ! inaccurate"
+                inaccurate = True
+            if r["stability"] != "stable":
+                unstable.append(f"  {r['backend']} {r['op']} {spec}: {r['stability_note']}")
             pct = "-" if r["copy_fraction"] is None else f"{100 * r['copy_fraction']:.0f}%"
             lines.append(f"{'':<20}{r['op']:<10}{r['backend']:<18}{r['path']:<11}{_ms(r['median_ms']):>9}"
-                         f"{r['gbps']:>8.1f}{pct:>8}{_ratio(r['vs_torch']):>9}{mark}")
-    if flagged:
+                         f"{r['gbps']:>8.1f}{pct:>8}{_percent(r['spread']):>8}{_ratio(r):>9}{mark}")
+    if inaccurate:
         lines.append(f"! inaccurate: max error above {report['tolerance']:g} of the largest float64 "
                      "reference value; that time is not a time for batch norm")
+    if unstable:
+        rule = report.get("stability_rule", {})
+        lines += [
+            "",
+            f"! bimodal: the rounds form two groups {rule.get('bimodal_gap', timing.BIMODAL_GAP):g}x or more "
+            f"apart, {rule.get('min_mode', timing.MIN_MODE)} or more rounds each; the median depends on how "
+            "many rounds stalled, so no ratio (\u2014) where either side is bimodal",
+            f"~ noisy: the middle half of the rounds spreads more than "
+            f"{100 * rule.get('noisy_spread', timing.NOISY_SPREAD):.0f}% of the median; ratios "
+            "involving it are marked ?",
+            "unstable rows (rerun on a quieter machine, or with more --rounds):",
+            *unstable,
+        ]
     reasons: dict[tuple[str, str], None] = {}
     for s in report["skipped"]:
         reasons.setdefault((s["backend"], s["reason"]), None)
@@ -243,19 +310,23 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark the parsed ``args`` ask for; 1 when an anybn backend got a wrong answer."""
     if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         # glibc reads these at start-up only: advise rather than re-exec behind the user's back
         print(_MALLOC_HINT, file=sys.stderr)
     report = measure(args.shapes, args.ops, args.backend, dtype=args.dtype, rounds=args.rounds,
-                     threads=args.threads)
+                     threads=args.threads, show_progress=not args.no_progress)
     if args.json:
         print(json.dumps(report, indent=1))
     else:
         print(table(report))
     wrong = [f"{r['backend']} {r['op']} {r['shape']}" for r in report["results"]
-             if not r["accurate"] and r["backend"] in cases.ANYBN_BACKENDS]
+             if not r["accurate"] and r["backend"] in backends.ANYBN_BACKENDS]
     if wrong:
         print(f"anybn bench: anybn's result differs from the float64 reference: {'; '.join(wrong)}",
               file=sys.stderr)

@@ -21,6 +21,7 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
+from .. import testing
 from .._progress import progress
 from .data import Dataset
 from .mlp import MLP, init_weights, softmax_cross_entropy
@@ -90,32 +91,16 @@ def import_backend(name: str | ModuleType) -> ModuleType:
     return module
 
 
-class _Backend:
-    """NumPy data -> arrays of one library on one device, in the run's dtype."""
-
-    def __init__(self, module: ModuleType, dtype: str, device: Any) -> None:
-        try:
-            self.xp = array_api_compat.array_namespace(module.asarray(np.zeros(1, dtype=np.float32)))
-        except TypeError:
-            raise ValueError(f"backend {module.__name__}: its arrays are not array-API arrays") from None
-        self.name = module.__name__
-        self.device = device
-        self.dtype = getattr(self.xp, dtype)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # JAX warns, then gives float32 without x64
-            made = self.floats(np.zeros(1)).dtype
-        if made != self.dtype:
-            raise ValueError(f"backend {self.name}: cannot make {dtype} arrays (for JAX, enable jax_enable_x64)")
-
-    def _asarray(self, a: np.ndarray) -> Array:
-        # through the compat namespace: every library's asarray then takes device=
-        return self.xp.asarray(a) if self.device is None else self.xp.asarray(a, device=self.device)
-
-    def floats(self, a: np.ndarray) -> Array:
-        return self.xp.astype(self._asarray(a), self.dtype)
-
-    def ints(self, a: np.ndarray) -> Array:
-        return self._asarray(a)
+def _backend(module: ModuleType, dtype: str, device: Any) -> testing.Backend:
+    """NumPy data -> arrays of ``module`` on ``device`` (:func:`anybn.testing.for_module`), checked
+    to make ``dtype`` arrays."""
+    be = testing.for_module(module, device)  # ValueError when its arrays are not array-API arrays
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # JAX warns, then gives float32 without x64
+        made = be.asarray(np.zeros(1), dtype).dtype
+    if made != be.dtype(dtype):
+        raise ValueError(f"backend {be.name}: cannot make {dtype} arrays (for JAX, enable jax_enable_x64)")
+    return be
 
 
 @contextlib.contextmanager
@@ -225,22 +210,23 @@ def run_experiment(
     accuracy; ``plain``), and ``config``, ``data``, ``backend``, ``sigmoid_unit``. The same
     inputs give the same dict.
     """
-    be = _Backend(import_backend(backend), config.dtype, device)
+    be = _backend(import_backend(backend), config.dtype, device)
     with _thread_limit(threads):
         return _run(data, config, be, show_progress)
 
 
-def _run(data: Dataset, config: Config, be: _Backend, show_progress: bool) -> dict[str, Any]:
+def _run(data: Dataset, config: Config, be: testing.Backend, show_progress: bool) -> dict[str, Any]:
     xp = be.xp
     rng = np.random.default_rng(config.seed)
     sizes = (data.num_features, *config.hidden, data.num_classes)
     initial = init_weights(sizes, rng=rng, std=config.init_std)
+    floats = config.dtype  # weights and images in the run's dtype; labels keep their integers
     nets = {
-        "bn": MLP([be.floats(w) for w in initial], batch_norm=True),
-        "plain": MLP([be.floats(w) for w in initial], batch_norm=False),
+        "bn": MLP([be.asarray(w, floats) for w in initial], batch_norm=True),
+        "plain": MLP([be.asarray(w, floats) for w in initial], batch_norm=False),
     }
-    x_train, y_train = be.floats(data.x_train), be.ints(data.y_train)
-    x_test, y_test = be.floats(data.x_test), be.ints(data.y_test)
+    x_train, y_train = be.asarray(data.x_train, floats), be.asarray(data.y_train)
+    x_test, y_test = be.asarray(data.x_test, floats), be.asarray(data.y_test)
 
     n_train, batch = data.x_train.shape[0], config.batch_size
     if batch > n_train:
@@ -274,7 +260,7 @@ def _run(data: Dataset, config: Config, be: _Backend, show_progress: bool) -> di
     for step in progress(range(1, config.steps + 1), total=config.steps, desc="training", enabled=show_progress):
         position = (step - 1) % per_epoch
         if position == 0:
-            order = be.ints(rng.permutation(n_train)[: per_epoch * batch])
+            order = be.asarray(rng.permutation(n_train)[: per_epoch * batch])
         indices = order[position * batch : (position + 1) * batch]
         xb, yb = xp.take(x_train, indices, axis=0), xp.take(y_train, indices, axis=0)
         for name, net in nets.items():

@@ -1,8 +1,10 @@
 """anybn's batch norm against PyTorch (the peer) and naive NumPy (the baseline), for asv.
 
-Every benchmark is parametrized over backend x shape (x op): the backends, shapes, data,
-byte counts and the copy are those of :mod:`anybn.bench.cases`, shared with
-``python -m anybn bench`` and ``tests/benchmarks``. A backend that cannot run here (not
+Every benchmark is parametrized over backend x shape (x op): the cases
+(:mod:`anybn.bench.cases`), backends (:mod:`anybn.bench.backends`), shapes, data and byte
+counts (:mod:`anybn.bench.shapes`), the copy (:mod:`anybn.bench.timing`) and the memory
+count (:mod:`anybn.bench.memory`) are those of ``python -m anybn bench`` and
+``tests/benchmarks``. A backend that cannot run here (not
 installed, no GPU) raises NotImplementedError in ``setup``, which asv shows as skipped.
 
 - ``Time.time_op``: seconds per call. Dask builds its graph and ``.compute()``s inside the
@@ -20,9 +22,14 @@ installed, no GPU) raises NotImplementedError in ``setup``, which asv shows as s
 
 from __future__ import annotations
 
-from anybn.bench import cases
+try:
+    from anybn.bench import backends, cases, memory, shapes, timing
+except ImportError:  # commits before anybn.bench.cases was split (asv runs over history)
+    from anybn.bench import cases
 
-SHAPES = list(cases.DEFAULT_SHAPES)
+    backends = memory = shapes = timing = cases  # type: ignore[misc]
+
+SHAPES = list(shapes.DEFAULT_SHAPES)
 THREADS = 2  # torch.set_num_threads, Dask workers, ANYBN_NUM_THREADS, the copy
 
 
@@ -44,7 +51,7 @@ class _Case:
 
 
 class Time(_Case):
-    params = (list(cases.BACKENDS), SHAPES, list(cases.OPS))
+    params = (list(backends.BACKENDS), SHAPES, list(shapes.OPS))
     param_names = ("backend", "shape", "op")
 
     def setup(self, backend: str, shape: str, op: str) -> None:
@@ -55,13 +62,13 @@ class Time(_Case):
 
 
 class BandwidthFraction(_Case):
-    params = (list(cases.CPU_BACKENDS), SHAPES, list(cases.OPS))
+    params = (list(backends.CPU_BACKENDS), SHAPES, list(shapes.OPS))
     param_names = ("backend", "shape", "op")
     rounds = 5
 
     def setup(self, backend: str, shape: str, op: str) -> None:
         self._prepare(backend, shape, op)
-        self.copy = cases.CopyTimer(self.case.nbytes, THREADS)
+        self.copy = timing.CopyTimer(self.case.nbytes, THREADS)
 
     def teardown(self, *params: str) -> None:
         copy = getattr(self, "copy", None)
@@ -70,13 +77,13 @@ class BandwidthFraction(_Case):
         super().teardown(*params)
 
     def track_copy_fraction(self, backend: str, shape: str, op: str) -> float:
-        return cases.bandwidth_fraction(self.case, self.copy, rounds=self.rounds)
+        return timing.bandwidth_fraction(self.case, self.copy, rounds=self.rounds)
 
     track_copy_fraction.unit = "fraction of copy bandwidth"  # type: ignore[attr-defined]
 
 
 class PeakMemTrainForward(_Case):
-    params = (list(cases.CPU_BACKENDS), SHAPES)
+    params = (list(backends.CPU_BACKENDS), SHAPES)
     param_names = ("backend", "shape")
     warmup = False  # the peak RSS is the process's: one call, nothing before it
 
@@ -89,17 +96,17 @@ class PeakMemTrainForward(_Case):
 
 class TrainForwardMemory(_Case):
     # tracemalloc sees NumPy's buffers, not PyTorch's allocator
-    params = ([b for b in cases.CPU_BACKENDS if b != cases.PEER], SHAPES)
+    params = ([b for b in backends.CPU_BACKENDS if b != backends.PEER], SHAPES)
     param_names = ("backend", "shape")
 
     def setup(self, backend: str, shape: str) -> None:
         self._prepare(backend, shape, "train")
 
     def track_peak(self, backend: str, shape: str) -> float:
-        return cases.traced_memory(self.case)[0] / self.case.nbytes
+        return memory.traced_memory(self.case)[0] / self.case.nbytes
 
     def track_retained(self, backend: str, shape: str) -> float:
-        return cases.traced_memory(self.case)[1] / self.case.nbytes
+        return memory.traced_memory(self.case)[1] / self.case.nbytes
 
     track_peak.unit = "x.nbytes"  # type: ignore[attr-defined]
     track_retained.unit = "x.nbytes"  # type: ignore[attr-defined]

@@ -1,6 +1,6 @@
 """anybn (fast and generic NumPy paths) against PyTorch (the peer) and naive NumPy (the baseline).
 
-Built on :mod:`anybn.bench.cases`, the definitions the asv suite and ``python -m anybn bench``
+Built on :mod:`anybn.bench.cases` (and its shapes, :mod:`anybn.bench.shapes`), the definitions the asv suite and ``python -m anybn bench``
 use. Every (op, shape) pair is one pytest-benchmark group with a benchmark per backend, so
 the comparison table shows their ratio directly; ``ratios.py`` turns the JSON into the
 table of docs/benchmarks.md. Each benchmark checks the result of the call it timed against
@@ -23,21 +23,21 @@ from __future__ import annotations
 
 import pytest
 
-from anybn.bench import cases
+from anybn.bench import cases, shapes
 
 BACKENDS = ("numpy-fast", "numpy-generic", "torch", "naive")
 THREADS = 2
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("shape", cases.DEFAULT_SHAPES)
-@pytest.mark.parametrize("op", cases.OPS)
+@pytest.mark.parametrize("shape", shapes.DEFAULT_SHAPES)
+@pytest.mark.parametrize("op", shapes.OPS)
 def test_peer(benchmark, op, shape, backend):
     try:
         case = cases.prepare(backend, shape, op, "float32", threads=THREADS)
     except cases.Unavailable as exc:
         pytest.skip(str(exc))
-    benchmark.group = f"{cases.OP_LABELS[op]} {shape}"
+    benchmark.group = f"{shapes.OP_LABELS[op]} {shape}"
     benchmark.extra_info.update(
         backend=backend, path=case.path, shape=shape, op=op, dtype=case.dtype,
         nbytes=case.nbytes, traffic_bytes=case.traffic,
