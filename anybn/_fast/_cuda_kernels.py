@@ -1,0 +1,513 @@
+"""numba-cuda kernels of the GPU fast path: reductions and elementwise passes over a folded x.
+
+Imported only when the GPU path first serves a call (``cuda.py``), and under numba-cuda's
+simulator by ``tests/test_cuda_sim.py`` (``NUMBA_ENABLE_CUDASIM=1``: the same kernels run on
+the CPU with NumPy arrays).
+
+Every host function takes x reshaped to ``(outer, C, inner)`` (free for a C-contiguous
+array) and device arrays: anything with ``__cuda_array_interface__`` (CuPy, numba), or NumPy
+arrays under the simulator. The kernels index flat 1-D views, so no transposing copy is ever
+made, and one traversal serves both layout classes:
+
+- *rows* (``inner == 1``: (N, C), channels-last): a block is ``(TX, TY)`` threads, TX lanes
+  over neighbouring features and TY over rows, so a warp reads contiguous memory even when
+  C < 32 (several rows per warp);
+- *planes* (``inner > 1``: NCHW): TX = 1, a block's TY threads walk the values of one
+  feature, plane after plane, contiguous within each plane.
+
+Each thread keeps one feature ``c`` for its whole life (its per-feature coefficients stay in
+registers) and visits the flat indices ``t = t0, t0 + S, ...`` of that feature's
+``outer * inner`` values, ``S`` being the threads per feature in the grid; ``(t // inner,
+t % inner)`` is walked incrementally, so there is no division per element.
+
+Numerics: reductions accumulate float64 in every thread (the H200 has full-rate FP64), of
+values shifted by a per-feature ``pivot`` (a sample of the feature: ``x - pivot`` is exact in
+float64 for float16/float32 inputs), and merge the per-block partial sums in a fixed order
+(a second tiny kernel, no atomics), so results are deterministic. Elementwise passes compute
+in float32 for float16/float32 inputs and in float64 for float64, ``x - pivot`` first.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import lru_cache
+from typing import Any, NamedTuple
+
+import numpy as np
+from numba import cuda
+from numba.cuda import types
+
+__all__ = [
+    "ACTIVATIONS",
+    "LaunchConfig",
+    "apply",
+    "grad_apply",
+    "grad_sums",
+    "launch_config",
+    "moments",
+]
+
+ACTIVATIONS = (None, "relu", "sigmoid")
+_ACT = {None: 0, "relu": 1, "sigmoid": 2}
+
+# Threads per block on the GPU: 8 blocks of 256 fill an SM's 2048 thread slots.
+THREADS = 256
+# Blocks resident per SM at 256 threads; the grid is capped at sm_count * this, and each
+# thread loops over its share, so a launch is one wave however large x is.
+BLOCKS_PER_SM = 8
+# H200 (and H100 SXM): 132 SMs. cuda.py passes the device's own count.
+SM_COUNT = 132
+# Values per thread below which a reduction uses fewer chunks: each chunk costs a block
+# reduction and 16 bytes of partial sums per feature.
+ITEMS_PER_THREAD = 8
+# Loads issued together per thread in the main loop: one load in flight per thread is far
+# below what HBM3e needs to stay busy; four are (the tail takes one value at a time).
+_UNROLL = 4
+# CUDA's limit on gridDim.y, where the chunks go.
+_MAX_GRID_Y = 65535
+
+
+class LaunchConfig(NamedTuple):
+    """How the kernels cover a folded x of shape (outer, C, inner).
+
+    ``block = (TX, TY)``: TX lanes over neighbouring features (1 for planes), TY threads
+    over the values of one feature. ``grid = (ceil(C / TX), chunks)``: chunks split each
+    feature's values; a reduction leaves ``chunks`` partial sums per feature.
+    """
+
+    block: tuple[int, int]
+    grid: tuple[int, int]
+
+    @property
+    def threads(self) -> int:
+        return self.block[0] * self.block[1]
+
+    @property
+    def chunks(self) -> int:
+        return self.grid[1]
+
+
+def launch_config(layout: Any, *, threads: int = THREADS, sm_count: int = SM_COUNT,
+                  blocks_per_sm: int = BLOCKS_PER_SM, max_blocks: int | None = None,
+                  items_per_thread: int = ITEMS_PER_THREAD) -> LaunchConfig:
+    """The launch configuration for x folded as ``(layout.outer, layout.features, layout.inner)``.
+
+    Parameters
+    ----------
+    layout : object with int attributes ``outer``, ``features``, ``inner``
+        ``anybn._namespace.Layout`` or anything shaped like it.
+    threads : int, power of two
+        Threads per block (tests shrink it to 32 or 64 for the simulator).
+    sm_count, blocks_per_sm : int
+        The grid is capped at ``sm_count * blocks_per_sm`` blocks (or ``max_blocks``).
+    items_per_thread : int
+        Fewer chunks are used when each thread would get fewer values than this.
+
+    Returns
+    -------
+    LaunchConfig
+    """
+    if threads < 1 or threads & (threads - 1):
+        raise ValueError(f"launch_config: threads must be a power of two, got {threads}")
+    features, count = layout.features, layout.outer * layout.inner
+    # rows: lanes over features so a warp reads contiguous memory; the next power of two
+    # at or above C keeps the block reduction a power-of-two tree over TY
+    tx = 1 if layout.inner > 1 else min(32, threads, _next_pow2(max(features, 1)))
+    ty = threads // tx
+    gx = max(1, -(-features // tx))
+    cap = max_blocks if max_blocks is not None else sm_count * blocks_per_sm
+    wanted = -(-count // (ty * items_per_thread))
+    chunks = max(1, min(wanted, cap // gx, _MAX_GRID_Y))
+    return LaunchConfig(block=(tx, ty), grid=(gx, chunks))
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+class _Fold(NamedTuple):
+    outer: int
+    features: int
+    inner: int
+
+
+# ------------------------------------------------------------------ host functions
+
+
+def moments(x3: Any, pivot: Any, out: Any, *, config: LaunchConfig | None = None, stream: Any = 0,
+            empty: Callable[..., Any] | None = None) -> None:
+    """Shifted per-feature sums: ``out[0, c] = sum(x - pivot[c])``, ``out[1, c] = sum((x - pivot[c])**2)``.
+
+    Parameters
+    ----------
+    x3 : device array, shape (outer, C, inner), float16/float32/float64, C-contiguous
+    pivot : device array, shape (C,), float64
+        A value near each feature's mean; the caller takes ``x3[0, c, 0]``.
+    out : device array, shape (2, C), float64, written
+    config : LaunchConfig, optional
+        Defaults to ``launch_config`` of x3's shape with the GPU's sizes.
+    stream : numba stream or 0
+    empty : callable (shape, dtype) -> device array, optional
+        Allocates the (2, chunks, C) float64 partial sums; cuda.py passes ``cupy.empty`` so
+        they come from CuPy's pool. Defaults to ``numba.cuda.device_array``.
+    """
+    _reduce("moments", x3, None, None, pivot, pivot, pivot, out, None, config, stream, empty)
+
+
+def grad_sums(x3: Any, dy3: Any, pivot: Any, out: Any, activation: str | None = None, scale: Any = None,
+              shift: Any = None, residual3: Any = None, *, config: LaunchConfig | None = None,
+              stream: Any = 0, empty: Callable[..., Any] | None = None) -> None:
+    """Backward sums: ``out[0, c] = sum(dy')``, ``out[1, c] = sum(dy' * (x - pivot[c]))``.
+
+    ``dy' = dy * act'(z)``, ``z = (x - pivot) * scale + shift [+ residual]`` recomputed
+    exactly as ``apply`` computed it (same dtype, same order), so a ReLU mask here is the
+    forward's; ``dy' = dy`` without activation (scale, shift and residual3 unused then).
+
+    Parameters
+    ----------
+    x3, dy3 : device arrays, shape (outer, C, inner), same float dtype, C-contiguous
+    pivot : device array, shape (C,), float64
+    out : device array, shape (2, C), float64, written
+    activation : None, "relu" or "sigmoid"
+    scale, shift : device arrays, shape (C,), float64; required with an activation
+    residual3 : device array like x3, optional
+    config, stream, empty : as for ``moments``
+    """
+    act = _activation("grad_sums", activation, scale, shift)
+    _reduce("grad", x3, dy3, residual3 if act else None, pivot, scale if act else pivot,
+            shift if act else pivot, out, activation, config, stream, empty)
+
+
+def apply(x3: Any, pivot: Any, scale: Any, shift: Any, y3: Any, activation: str | None = None,
+          residual3: Any = None, *, config: LaunchConfig | None = None, stream: Any = 0) -> None:
+    """``y = act((x - pivot) * scale + shift [+ residual])`` per feature, in y's dtype.
+
+    Parameters
+    ----------
+    x3 : device array, shape (outer, C, inner), float16/float32/float64, C-contiguous
+    pivot, scale, shift : device arrays, shape (C,), float64
+    y3 : device array like x3, written
+    activation : None, "relu" or "sigmoid"
+    residual3 : device array like x3, optional
+    config, stream : as for ``moments``
+    """
+    _activation("apply", activation, scale, shift)
+    _map("apply", x3, None, residual3, (pivot, scale, shift), y3, None, activation, config, stream)
+
+
+def grad_apply(x3: Any, dy3: Any, pivot: Any, a: Any, b: Any, k: Any, dx3: Any,
+               activation: str | None = None, scale: Any = None, shift: Any = None,
+               residual3: Any = None, dres3: Any = None, *, config: LaunchConfig | None = None,
+               stream: Any = 0) -> None:
+    """``dx = k * (dy' + a * (x - pivot) + b)`` per feature; ``dres = dy'`` when dres3 is given.
+
+    Parameters
+    ----------
+    x3, dy3 : device arrays, shape (outer, C, inner), same float dtype, C-contiguous
+    pivot, a, b, k : device arrays, shape (C,), float64
+    dx3 : device array like x3, written
+    activation, scale, shift, residual3 : as for ``grad_sums``
+    dres3 : device array like x3, optional, written
+    config, stream : as for ``moments``
+    """
+    act = _activation("grad_apply", activation, scale, shift)
+    coefs = (pivot, a, b, k, scale if act else pivot, shift if act else pivot)
+    _map("grad", x3, dy3, residual3 if act else None, coefs, dx3, dres3, activation, config, stream)
+
+
+def _activation(fn: str, activation: str | None, scale: Any, shift: Any) -> int:
+    if activation not in _ACT:
+        raise ValueError(f"{fn}: activation must be None, 'relu' or 'sigmoid', got {activation!r}")
+    if activation is not None and (scale is None or shift is None):
+        raise ValueError(f"{fn}: activation {activation!r} needs scale and shift to recompute z")
+    return _ACT[activation]
+
+
+def _reduce(op: str, x3: Any, dy3: Any, r3: Any, pivot: Any, scale: Any, shift: Any, out: Any,
+            activation: str | None, config: LaunchConfig | None, stream: Any,
+            empty: Callable[..., Any] | None) -> None:
+    outer, features, inner = x3.shape
+    if features == 0:
+        return
+    config = config or launch_config(_Fold(outer, features, inner))
+    partial = (empty or cuda.device_array)((2, config.chunks, features), np.float64)
+    xf = _flat(x3)
+    kernel = _reduce_kernel(op, _compute_type(x3.dtype), _ACT[activation], r3 is not None,
+                            config.threads)
+    kernel[config.grid, config.block, stream](
+        xf, _flat(dy3, xf), _flat(r3, xf), pivot, scale, shift, features, inner, outer * inner, partial)
+    merge = _merge_kernel()
+    merge[-(-2 * features // 128), 128, stream](partial, out)
+
+
+def _map(op: str, x3: Any, dy3: Any, r3: Any, coefs: tuple[Any, ...], o3: Any, o23: Any,
+         activation: str | None, config: LaunchConfig | None, stream: Any) -> None:
+    outer, features, inner = x3.shape
+    if features == 0 or outer * inner == 0:
+        return
+    config = config or launch_config(_Fold(outer, features, inner))
+    coefs = coefs + (coefs[0],) * (6 - len(coefs))  # unused slots: any (C,) float64 array
+    xf, of = _flat(x3), _flat(o3)
+    kernel = _map_kernel(op, _compute_type(x3.dtype), _ACT[activation], r3 is not None,
+                         o23 is not None)
+    kernel[config.grid, config.block, stream](
+        xf, _flat(dy3, xf), _flat(r3, xf), *coefs, features, inner, outer * inner, of, _flat(o23, xf))
+
+
+def _flat(a: Any, default: Any = None) -> Any:
+    """The flat 1-D view of a contiguous array; ``default`` for None (an unread placeholder)."""
+    return default if a is None else a.reshape(a.size)
+
+
+def _compute_type(dtype: Any) -> Any:
+    # float16 is only storage: its arithmetic runs in float32 (as PyTorch's kernels do)
+    return types.float64 if np.dtype(dtype) == np.float64 else types.float32
+
+
+# ------------------------------------------------------------------ element math
+
+
+@lru_cache(maxsize=None)
+def _element_ops(ctype: Any, act: int, has_res: bool) -> tuple[Any, Any]:
+    """Device functions ``forward(x, r, p, s, h) -> y`` and ``backward(x, dy, r, p, s, h) -> dy'``.
+
+    All arguments are in the compute type ``ctype``. Literals are cast to it: a Python float
+    would promote float32 arithmetic to float64 on the GPU (not under the simulator).
+    """
+    zero, one = ctype(0.0), ctype(1.0)
+
+    @cuda.jit(device=True)
+    def preact(x, r, p, s, h):  # pragma: no cover - compiled
+        z = (x - p) * s + h
+        if has_res:
+            z = z + r
+        return z
+
+    @cuda.jit(device=True)
+    def sigmoid(z):  # pragma: no cover - compiled
+        return one / (one + ctype(math.exp(-z)))
+
+    @cuda.jit(device=True)
+    def forward(x, r, p, s, h):  # pragma: no cover - compiled
+        z = preact(x, r, p, s, h)
+        if act == 1:
+            return z if z > zero else zero
+        if act == 2:
+            return sigmoid(z)
+        return z
+
+    @cuda.jit(device=True)
+    def backward(x, dy, r, p, s, h):  # pragma: no cover - compiled
+        if act == 0:
+            return dy
+        z = preact(x, r, p, s, h)
+        if act == 1:
+            return dy if z > zero else zero
+        g = sigmoid(z)
+        return dy * (g * (one - g))
+
+    return forward, backward
+
+
+# ------------------------------------------------------------------ kernels
+
+
+@lru_cache(maxsize=None)
+def _reduce_kernel(op: str, ctype: Any, act: int, has_res: bool, threads: int) -> Any:
+    """Kernel ``(xf, dyf, rf, pivot, scale, shift, C, inner, count, partial)``.
+
+    Leaves per block two float64 sums per feature in ``partial[:, chunk, c]``: of
+    ``x - pivot`` and its square (op "moments"), or of dy' and ``dy' * (x - pivot)`` (op
+    "grad"). ``threads`` (= TX * TY of the launch) sizes the shared memory.
+    """
+    _, backward = _element_ops(ctype, act, has_res)
+    grad = op == "grad"
+    f64 = types.float64
+
+    @cuda.jit(device=True)
+    def terms(x, dy, r, p64, p, s, h):  # pragma: no cover - compiled
+        d = f64(x) - p64  # exact for float16/float32 x: both are float32 values
+        if grad:
+            g = f64(backward(ctype(x), ctype(dy), ctype(r), p, s, h))
+            return g, g * d
+        return d, d * d
+
+    @cuda.jit
+    def kernel(xf, dyf, rf, pivot, scale, shift, features, inner, count, partial):  # pragma: no cover
+        sh1 = cuda.shared.array(threads, types.float64)
+        sh2 = cuda.shared.array(threads, types.float64)
+        tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+        nx, ny = cuda.blockDim.x, cuda.blockDim.y
+        c = cuda.blockIdx.x * nx + tx
+        chunk = cuda.blockIdx.y
+        a1 = f64(0.0)
+        a2 = f64(0.0)
+        if c < features:  # idle lanes (c >= C) still take part in the block reduction
+            p64 = pivot[c]
+            p, s, h = ctype(p64), ctype(scale[c]), ctype(shift[c])
+            t = chunk * ny + ty
+            stride = cuda.gridDim.y * ny
+            plane = features * inner
+            dn = stride // inner
+            di = stride - dn * inner
+            step = dn * plane + di
+            wrap = plane - inner
+            n = t // inner
+            i = t - n * inner
+            off = n * plane + c * inner + i
+            while t + (_UNROLL - 1) * stride < count:
+                o0 = off
+                o1, i = _advance(o0, i, step, di, inner, wrap)
+                o2, i = _advance(o1, i, step, di, inner, wrap)
+                o3, i = _advance(o2, i, step, di, inner, wrap)
+                off, i = _advance(o3, i, step, di, inner, wrap)
+                x0, x1, x2, x3 = xf[o0], xf[o1], xf[o2], xf[o3]
+                # placeholders are not read (the branches fold away at compile time)
+                y0, y1, y2, y3 = (dyf[o0], dyf[o1], dyf[o2], dyf[o3]) if grad else (x0, x1, x2, x3)
+                r0, r1, r2, r3 = (rf[o0], rf[o1], rf[o2], rf[o3]) if has_res else (x0, x1, x2, x3)
+                u0, v0 = terms(x0, y0, r0, p64, p, s, h)
+                u1, v1 = terms(x1, y1, r1, p64, p, s, h)
+                u2, v2 = terms(x2, y2, r2, p64, p, s, h)
+                u3, v3 = terms(x3, y3, r3, p64, p, s, h)
+                a1 += (u0 + u1) + (u2 + u3)
+                a2 += (v0 + v1) + (v2 + v3)
+                t += _UNROLL * stride
+            while t < count:
+                x0 = xf[off]
+                u0, v0 = terms(x0, dyf[off] if grad else x0, rf[off] if has_res else x0, p64, p, s, h)
+                a1 += u0
+                a2 += v0
+                off, i = _advance(off, i, step, di, inner, wrap)
+                t += stride
+        # fixed-order tree over TY for each lane: deterministic, no atomics
+        k = ty * nx + tx
+        sh1[k] = a1
+        sh2[k] = a2
+        cuda.syncthreads()
+        half = ny // 2
+        while half > 0:
+            if ty < half:
+                sh1[k] += sh1[k + half * nx]
+                sh2[k] += sh2[k + half * nx]
+            cuda.syncthreads()
+            half //= 2
+        if ty == 0 and c < features:
+            partial[0, chunk, c] = sh1[tx]
+            partial[1, chunk, c] = sh2[tx]
+
+    return kernel
+
+
+@lru_cache(maxsize=None)
+def _map_kernel(op: str, ctype: Any, act: int, has_res: bool, has_out2: bool) -> Any:
+    """Kernel ``(xf, dyf, rf, q0, ..., q5, C, inner, count, of, of2)``, elementwise.
+
+    op "apply": q = (pivot, scale, shift), ``of = act(z)``. op "grad": q = (pivot, a, b, k,
+    scale, shift), ``of = k * (dy' + a * (x - pivot) + b)`` and ``of2 = dy'`` if has_out2.
+    Unused q slots and arrays are placeholders, never read.
+    """
+    forward, backward = _element_ops(ctype, act, has_res)
+    grad = op == "grad"
+
+    @cuda.jit(device=True)
+    def element(x, dy, r, q0, q1, q2, q3, q4, q5):  # pragma: no cover - compiled
+        if grad:
+            g = backward(x, dy, r, q0, q4, q5)
+            return q3 * (g + q1 * (x - q0) + q2), g
+        y = forward(x, r, q0, q1, q2)
+        return y, y
+
+    @cuda.jit
+    def kernel(xf, dyf, rf, c0, c1, c2, c3, c4, c5, features, inner, count, of, of2):  # pragma: no cover
+        tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+        nx, ny = cuda.blockDim.x, cuda.blockDim.y
+        c = cuda.blockIdx.x * nx + tx
+        if c >= features:
+            return  # no block-wide synchronization here: idle lanes may leave
+        q0, q1, q2 = ctype(c0[c]), ctype(c1[c]), ctype(c2[c])
+        q3, q4, q5 = ctype(c3[c]), ctype(c4[c]), ctype(c5[c])
+        t = cuda.blockIdx.y * ny + ty
+        stride = cuda.gridDim.y * ny
+        plane = features * inner
+        dn = stride // inner
+        di = stride - dn * inner
+        step = dn * plane + di
+        wrap = plane - inner
+        n = t // inner
+        i = t - n * inner
+        off = n * plane + c * inner + i
+        while t + (_UNROLL - 1) * stride < count:
+            o0 = off
+            o1, i = _advance(o0, i, step, di, inner, wrap)
+            o2, i = _advance(o1, i, step, di, inner, wrap)
+            o3, i = _advance(o2, i, step, di, inner, wrap)
+            off, i = _advance(o3, i, step, di, inner, wrap)
+            # all loads first: stores to of could alias xf for all the compiler knows
+            x0, x1, x2, x3 = ctype(xf[o0]), ctype(xf[o1]), ctype(xf[o2]), ctype(xf[o3])
+            y0, y1, y2, y3 = x0, x1, x2, x3  # placeholders, not read (folded at compile time)
+            if grad:
+                y0, y1, y2, y3 = ctype(dyf[o0]), ctype(dyf[o1]), ctype(dyf[o2]), ctype(dyf[o3])
+            r0, r1, r2, r3 = x0, x1, x2, x3
+            if has_res:
+                r0, r1, r2, r3 = ctype(rf[o0]), ctype(rf[o1]), ctype(rf[o2]), ctype(rf[o3])
+            e0, g0 = element(x0, y0, r0, q0, q1, q2, q3, q4, q5)
+            e1, g1 = element(x1, y1, r1, q0, q1, q2, q3, q4, q5)
+            e2, g2 = element(x2, y2, r2, q0, q1, q2, q3, q4, q5)
+            e3, g3 = element(x3, y3, r3, q0, q1, q2, q3, q4, q5)
+            of[o0] = e0
+            of[o1] = e1
+            of[o2] = e2
+            of[o3] = e3
+            if has_out2:
+                of2[o0] = g0
+                of2[o1] = g1
+                of2[o2] = g2
+                of2[o3] = g3
+            t += _UNROLL * stride
+        while t < count:
+            x0 = ctype(xf[off])
+            y0 = ctype(dyf[off]) if grad else x0
+            r0 = ctype(rf[off]) if has_res else x0
+            e0, g0 = element(x0, y0, r0, q0, q1, q2, q3, q4, q5)
+            of[off] = e0
+            if has_out2:
+                of2[off] = g0
+            off, i = _advance(off, i, step, di, inner, wrap)
+            t += stride
+
+    return kernel
+
+
+@cuda.jit(device=True)
+def _advance(off, i, step, di, inner, wrap):  # pragma: no cover - compiled
+    """The flat offset and in-plane index ``stride`` values further along one feature."""
+    off += step
+    i += di
+    if i >= inner:
+        i -= inner
+        off += wrap
+    return off, i
+
+
+@lru_cache(maxsize=None)
+def _merge_kernel() -> Any:
+    """Kernel ``(partial, out)``: ``out[k, c] = sum over chunks of partial[k, chunk, c]``.
+
+    One thread per (k, c) adds the chunks in order: deterministic, and coalesced (threads
+    over c read neighbouring partial sums).
+    """
+
+    @cuda.jit
+    def kernel(partial, out):  # pragma: no cover - compiled
+        j = cuda.grid(1)
+        features = out.shape[1]
+        if j < 2 * features:
+            k = j // features
+            c = j - k * features
+            acc = types.float64(0.0)
+            for chunk in range(partial.shape[1]):
+                acc += partial[k, chunk, c]
+            out[k, c] = acc
+
+    return kernel

@@ -1,0 +1,226 @@
+"""The GPU fast path: CuPy arrays through the numba-cuda kernels of ``_cuda_kernels``.
+
+It serves C-contiguous CuPy arrays of float16, float32 or float64 above ``_MIN_BYTES`` and
+supplies the two kinds of kernel the functional core composes every step from:
+
+- reductions: ``moments`` (training forward) and ``grad_sums`` (backward), each one pass
+  over x (and dy) with float64 per-feature sums merged in a fixed order;
+- elementwise passes: ``apply`` (forward, inference) and ``grad_apply`` (backward), each
+  one read of the inputs and one write of the result.
+
+The O(C) coefficient arithmetic between them is not here: it is written once in array-API
+code and runs on CuPy like any other backend. This module is glue only: it views x as
+``(outer, C, inner)`` (a free reshape), allocates results with ``cupy.empty`` (CuPy's pool),
+and launches on CuPy's current stream, so the work is ordered with the caller's CuPy calls
+and nothing synchronizes the host. cupy and numba.cuda are imported on the first call this
+path serves, never when anybn is imported.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import array_api_compat
+import numpy as np
+
+__all__ = ["CudaPath"]
+
+# Below this many bytes of x the generic CuPy path serves: a numba launch costs tens of
+# microseconds of host time (argument wrapping, dispatch), more than CuPy's own kernels
+# take on small arrays. PLACEHOLDER until measured: must come from a GPU measurement
+# (tools/gpu_check.py times both paths across sizes and reports the crossover).
+_MIN_BYTES = 1 << 20
+
+_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+_STEPS = ("train", "eval", "backward")
+
+
+class CudaPath:
+    """The numba-cuda path for CuPy arrays; see the module docstring for what it serves."""
+
+    name = "cuda-numba"
+
+    def __init__(self) -> None:
+        self._kernels: ModuleType | None = None
+        self._unavailable = False
+        self._sm_counts: dict[int, int] = {}
+
+    # ------------------------------------------------------------------ selection
+
+    def serves(self, step: str, xp: Any, arrays: tuple[Any, ...]) -> bool:
+        """Whether ``step`` ('train', 'eval', 'backward') runs here for ``arrays`` ((x,) or (x, dy))."""
+        if step not in _STEPS or not array_api_compat.is_cupy_namespace(xp):
+            return False
+        x = arrays[0]
+        if x.dtype not in _DTYPES or x.nbytes < _MIN_BYTES:
+            return False
+        for a in arrays:
+            if not array_api_compat.is_cupy_array(a) or a.dtype != x.dtype or a.shape != x.shape:
+                return False
+            if not a.flags.c_contiguous:
+                return False
+        return self._load() is not None
+
+    def _load(self) -> ModuleType | None:
+        if self._kernels is None and not self._unavailable:
+            try:
+                from numba import cuda
+
+                from . import _cuda_kernels
+                available = cuda.is_available()
+            except Exception:  # numba-cuda missing or no driver: the generic CuPy path serves
+                available = False
+            if available:
+                self._kernels = _cuda_kernels
+            else:
+                self._unavailable = True
+        return self._kernels
+
+    @property
+    def _k(self) -> ModuleType:
+        """The kernels module; only called after ``serves`` has loaded it."""
+        assert self._kernels is not None
+        return self._kernels
+
+    # ------------------------------------------------------------------ the kernels
+
+    def moments(self, x: Any, layout: Any) -> tuple[Any, Any, Any]:
+        """Shifted sums of x per feature.
+
+        Parameters
+        ----------
+        x : cupy.ndarray, C-contiguous, float16/float32/float64, shape ``layout.shape``
+        layout : anybn._namespace.Layout
+            ``outer``, ``features`` (C), ``inner`` of x's fold.
+
+        Returns
+        -------
+        pivot, s1, s2 : cupy.ndarray, shape (C,), float64
+            ``pivot`` is x's first sample of each feature; ``s1 = sum(x - pivot)``,
+            ``s2 = sum((x - pivot)**2)`` over the ``outer * inner`` values of each feature.
+        """
+        cp, launch = self._launch(x, layout)
+        x3 = _fold(x, layout)
+        pivot = x3[0, :, 0].astype(cp.float64)
+        out = cp.empty((2, layout.features), dtype=cp.float64)
+        self._k.moments(_dev(x3), _dev(pivot), _dev(out), **launch, empty=_empty)
+        return pivot, out[0], out[1]
+
+    def apply(self, x: Any, layout: Any, pivot: Any, scale: Any, shift: Any, *,
+              activation: str | None = None, residual: Any = None) -> Any:
+        """``y = act((x - pivot) * scale + shift [+ residual])`` per feature.
+
+        Parameters
+        ----------
+        x : cupy.ndarray, C-contiguous, float16/float32/float64, shape ``layout.shape``
+        layout : anybn._namespace.Layout
+        pivot, scale, shift : cupy.ndarray, shape (C,), float64
+        activation : None, "relu" or "sigmoid"
+        residual : cupy.ndarray like x, optional
+
+        Returns
+        -------
+        y : cupy.ndarray, same shape and dtype as x
+        """
+        cp, launch = self._launch(x, layout)
+        y = cp.empty_like(x)
+        self._k.apply(_dev(_fold(x, layout)), *_devs(pivot, scale, shift), _dev(_fold(y, layout)),
+                      activation, _dev(_fold(residual, layout)), **launch)
+        return y
+
+    def grad_sums(self, x: Any, dy: Any, layout: Any, pivot: Any, *, activation: str | None = None,
+                  scale: Any = None, shift: Any = None, residual: Any = None) -> tuple[Any, Any]:
+        """Per-feature ``sum(dy')`` and ``sum(dy' * (x - pivot))``, ``dy' = dy * act'(z)``.
+
+        Parameters
+        ----------
+        x, dy : cupy.ndarray, C-contiguous, same float dtype, shape ``layout.shape``
+        layout : anybn._namespace.Layout
+        pivot : cupy.ndarray, shape (C,), float64
+        activation, scale, shift, residual : as for ``apply`` (z recomputed from them)
+
+        Returns
+        -------
+        sum_dy, sum_dy_d : cupy.ndarray, shape (C,), float64
+        """
+        cp, launch = self._launch(x, layout)
+        out = cp.empty((2, layout.features), dtype=cp.float64)
+        self._k.grad_sums(_dev(_fold(x, layout)), _dev(_fold(dy, layout)), _dev(pivot), _dev(out),
+                          activation, _dev(scale), _dev(shift), _dev(_fold(residual, layout)),
+                          **launch, empty=_empty)
+        return out[0], out[1]
+
+    def grad_apply(self, x: Any, dy: Any, layout: Any, pivot: Any, a: Any, b: Any, k: Any, *,
+                   activation: str | None = None, scale: Any = None, shift: Any = None,
+                   residual: Any = None) -> tuple[Any, Any]:
+        """``dx = k * (dy' + a * (x - pivot) + b)`` per feature, and the residual's gradient.
+
+        Parameters
+        ----------
+        x, dy : cupy.ndarray, C-contiguous, same float dtype, shape ``layout.shape``
+        layout : anybn._namespace.Layout
+        pivot, a, b, k : cupy.ndarray, shape (C,), float64
+        activation, scale, shift, residual : as for ``apply``
+
+        Returns
+        -------
+        dx : cupy.ndarray like x
+        dres : cupy.ndarray like x, or None
+            ``dy'`` when a residual was added (``dy`` itself without an activation, where
+            ``dy' = dy``); None without a residual.
+        """
+        cp, launch = self._launch(x, layout)
+        dx = cp.empty_like(x)
+        dres = cp.empty_like(x) if residual is not None and activation is not None else None
+        self._k.grad_apply(_dev(_fold(x, layout)), _dev(_fold(dy, layout)), *_devs(pivot, a, b, k),
+                           _dev(_fold(dx, layout)), activation, _dev(scale), _dev(shift),
+                           _dev(_fold(residual, layout)), _dev(_fold(dres, layout)), **launch)
+        if residual is not None and activation is None:
+            dres = dy
+        return dx, dres
+
+    # ------------------------------------------------------------------ launching
+
+    def _launch(self, x: Any, layout: Any) -> tuple[ModuleType, dict[str, Any]]:
+        """cupy, and the keyword arguments of a launch: configuration and CuPy's current stream."""
+        import cupy as cp
+        from numba import cuda
+
+        device = x.device.id
+        sm_count = self._sm_counts.get(device)
+        if sm_count is None:
+            sm_count = self._sm_counts[device] = cp.cuda.Device(device).attributes["MultiProcessorCount"]
+        ptr = cp.cuda.get_current_stream().ptr
+        # ptr 0 is CuPy's null stream, CUDA's legacy default stream: numba's stream 0
+        stream = cuda.external_stream(ptr) if ptr else 0
+        return cp, {"config": self._k.launch_config(layout, sm_count=sm_count), "stream": stream}
+
+
+def _fold(a: Any, layout: Any) -> Any:
+    """The (outer, C, inner) view of a contiguous array; None stays None."""
+    return None if a is None else a.reshape(layout.outer, layout.features, layout.inner)
+
+
+def _dev(a: Any) -> Any:
+    """A numba view of a CuPy array, zero copy; None stays None.
+
+    ``sync=False``: numba would otherwise synchronize the host with the array's stream at
+    every launch; the kernels run on that same stream, so the order already holds.
+    """
+    if a is None:
+        return None
+    from numba import cuda
+
+    return cuda.as_cuda_array(a, sync=False)
+
+
+def _devs(*arrays: Any) -> list[Any]:
+    return [_dev(a) for a in arrays]
+
+
+def _empty(shape: tuple[int, ...], dtype: Any) -> Any:
+    """Scratch device memory from CuPy's pool (the kernels' partial sums), as a numba view."""
+    import cupy as cp
+
+    return _dev(cp.empty(shape, dtype=dtype))
