@@ -211,27 +211,33 @@ def assert_close(actual: Any, desired: Any, *, rtol: float = 1e-7, atol: float =
         raise AssertionError(f"{head}assert_close: actual has shape {a.shape}, desired {d.shape}")
     nan_a, nan_d = np.isnan(a), np.isnan(d)
     if not np.array_equal(nan_a, nan_d):
-        where = np.unravel_index(int(np.argmax(nan_a != nan_d)), a.shape)
+        where = _index(np.argmax(nan_a != nan_d), a.shape)
         raise AssertionError(f"{head}assert_close: NaN in only one of the arrays, first at index {where}: "
-                             f"actual {a[where]!r}, desired {d[where]!r}")
-    with np.errstate(invalid="ignore"):  # inf - inf: equal infinities are handled below
-        error = np.abs(a - d)
-    error[nan_a | ((a == d) & np.isinf(d))] = 0.0  # NaN = NaN, inf = inf
-    bad = ~(error <= atol + rtol * np.abs(d))
+                             f"actual {float(a[where])!r}, desired {float(d[where])!r}")
+    same = nan_a | (a == d)  # NaN against NaN, and equal infinities, are equal
+    with np.errstate(invalid="ignore"):  # inf - inf where they differ in sign: inf, as it should
+        error = np.where(same, 0.0, np.abs(a - d))
+        # an infinity equals only itself: rtol * inf must not let -inf pass for inf
+        bad = ~same & (~(error <= atol + rtol * np.abs(d)) | np.isinf(a) | np.isinf(d))
     if not bad.any():
         return
     with np.errstate(divide="ignore", invalid="ignore"):
         relative = np.where(error == 0, 0.0, error / np.abs(d))
-    at_abs = np.unravel_index(int(np.argmax(error)), a.shape)
-    at_rel = np.unravel_index(int(np.argmax(relative)), a.shape)
+    at_abs = _index(np.argmax(error), a.shape)
+    at_rel = _index(np.argmax(relative), a.shape)
     raise AssertionError(
         f"{head}assert_close: not equal to tolerance rtol={rtol:g}, atol={atol:g}\n"
         f"mismatched elements: {int(bad.sum())} / {bad.size} ({100 * bad.mean():.3g}%)\n"
-        f"max absolute error: {error[at_abs]:.6g} at index {tuple(map(int, at_abs))}: "
-        f"actual {a[at_abs]!r}, desired {d[at_abs]!r}\n"
-        f"max relative error: {relative[at_rel]:.6g} at index {tuple(map(int, at_rel))}: "
-        f"actual {a[at_rel]!r}, desired {d[at_rel]!r}"
+        f"max absolute error: {float(error[at_abs]):.6g} at index {at_abs}: "
+        f"actual {float(a[at_abs])!r}, desired {float(d[at_abs])!r}\n"
+        f"max relative error: {float(relative[at_rel]):.6g} at index {at_rel}: "
+        f"actual {float(a[at_rel])!r}, desired {float(d[at_rel])!r}"
     )
+
+
+def _index(flat: Any, shape: tuple[int, ...]) -> tuple[int, ...]:
+    # a flat index as a tuple of Python ints, which print as (13, 7)
+    return tuple(int(i) for i in np.unravel_index(int(flat), shape))
 
 
 # --------------------------------------------------------------------------------- backends
