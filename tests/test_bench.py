@@ -425,3 +425,22 @@ def test_plot_writes_a_png(tmp_path):
     report["results"] = [r for r in report["results"] if r["backend"] != "torch"]
     with pytest.raises(ValueError, match="no 'torch' results"):
         plot.plot(report, tmp_path / "none.png")
+
+
+def test_plot_leaves_out_bimodal_rows(tmp_path):
+    pytest.importorskip("matplotlib")
+    from anybn.bench import plot
+
+    report = _report()
+    for r in report["results"]:
+        if (r["shape"], r["op"]) == ("8x3", "train") and r["backend"] == "torch":
+            r["stability"] = "bimodal"  # the baseline: every ratio of its group goes
+        if (r["shape"], r["op"], r["backend"]) == ("8x3", "eval", "naive"):
+            r["stability"] = "bimodal"
+    ratio, left_out = plot.relative_times(report)
+    assert left_out == 3
+    assert ratio == {("eval", "8x3", "numpy-fast"): 0.5, ("train", "nchw:2x3x4x4", "numpy-fast"): 0.5,
+                     ("train", "nchw:2x3x4x4", "naive"): 2.0, ("eval", "nchw:2x3x4x4", "numpy-fast"): 0.5,
+                     ("eval", "nchw:2x3x4x4", "naive"): 2.0}
+    plot.plot(report, tmp_path / "b.png")
+    assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -5,7 +5,9 @@
 
 One group of bars per (op, shape), one bar per backend, its height the backend's median
 time over the baseline's (PyTorch unless told otherwise) on a log scale, with a line at 1:
-below it the backend is faster than the baseline.
+below it the backend is faster than the baseline. A bar whose row or baseline row has
+bimodal samples (``"stability": "bimodal"``, see :func:`anybn.bench.timing.stability`) is
+left out, as ``anybn bench`` prints no ratio for it, and the chart says how many.
 """
 
 from __future__ import annotations
@@ -16,7 +18,32 @@ from collections.abc import Sequence
 from os import PathLike
 from typing import Any
 
-__all__ = ["plot"]
+__all__ = ["plot", "relative_times"]
+
+
+def relative_times(report: dict[str, Any], baseline: str = "torch") -> tuple[dict[tuple[str, str, str], float], int]:
+    """Each row's median over the baseline's of the same (op, shape), and how many were left out.
+
+    Returns ``{(op, shape, backend): ratio}`` for every row but the baseline's, and the
+    number of rows left out because their samples or the baseline's are bimodal.
+
+    Raises ValueError when the report has no ``baseline`` results to divide by.
+    """
+    results = report["results"]
+    base_rows = {(r["op"], r["shape"]): r for r in results if r["backend"] == baseline}
+    if not base_rows:
+        raise ValueError(f"plot: the report has no {baseline!r} results to compare with")
+    ratio: dict[tuple[str, str, str], float] = {}
+    left_out = 0
+    for r in results:
+        base = base_rows.get((r["op"], r["shape"]))
+        if base is None or r["backend"] == baseline:
+            continue
+        if "bimodal" in (r.get("stability"), base.get("stability")):
+            left_out += 1  # the median then says which rounds stalled, not how fast it is
+            continue
+        ratio[(r["op"], r["shape"], r["backend"])] = r["median_ms"] / base["median_ms"]
+    return ratio, left_out
 
 
 def plot(report: dict[str, Any] | str | PathLike[str], out: str | PathLike[str], *, baseline: str = "torch") -> None:
@@ -31,13 +58,10 @@ def plot(report: dict[str, Any] | str | PathLike[str], out: str | PathLike[str],
             report = json.load(f)
     assert isinstance(report, dict)
     results = report["results"]
-    base = {(r["op"], r["shape"]): r["median_ms"] for r in results if r["backend"] == baseline}
-    if not base:
-        raise ValueError(f"plot: the report has no {baseline!r} results to compare with")
-    groups = [g for g in dict.fromkeys((r["op"], r["shape"]) for r in results) if g in base]
+    ratio, left_out = relative_times(report, baseline)
+    compared = {(r["op"], r["shape"]) for r in results if r["backend"] == baseline}
+    groups = [g for g in dict.fromkeys((r["op"], r["shape"]) for r in results) if g in compared]
     backends = [b for b in dict.fromkeys(r["backend"] for r in results) if b != baseline]
-    ratio = {(r["op"], r["shape"], r["backend"]): r["median_ms"] / base[(r["op"], r["shape"])]
-             for r in results if (r["op"], r["shape"]) in base}
 
     width = 0.8 / max(1, len(backends))
     fig = Figure(figsize=(max(6.0, 1.1 * len(groups) + 2), 4.5), layout="constrained")
@@ -54,6 +78,9 @@ def plot(report: dict[str, Any] | str | PathLike[str], out: str | PathLike[str],
     ax.set_title(f"anybn {report.get('anybn', '')} bench, {report.get('dtype', '')}, "
                  f"{env.get('threads', '?')} threads, medians of {report.get('rounds', '?')} rounds",
                  fontsize=10)
+    if left_out:
+        ax.text(0.99, 0.98, f"{left_out} bar{'s' if left_out > 1 else ''} left out: bimodal samples",
+                transform=ax.transAxes, ha="right", va="top", fontsize=8)
     fig.legend(loc="outside lower center", fontsize=8, ncols=max(1, len(backends)), frameon=False)
     fig.savefig(out, dpi=120)
 
