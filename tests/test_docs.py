@@ -32,7 +32,7 @@ PUBLIC = (
     "BatchNorm",
     "PopulationStats",
 )
-PAGES = ("getting-started", "math", "backends", "embedding", "migrating", "demo", "benchmarks", "numerics", "api")
+PAGES = ("getting-started", "math", "backends", "embedding", "migrating", "demo", "benchmarks", "numerics", "architecture", "api")
 # The build is a few seconds here; this catches a configuration that makes it crawl.
 BUILD_SECONDS_MAX = 120
 
