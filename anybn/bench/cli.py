@@ -79,6 +79,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "Time anybn's batch norm (NumPy fast and generic paths, array_api_strict, Dask, CuPy) "
         "against PyTorch and naive NumPy on this machine: medians of interleaved rounds."
     )
+    parser.epilog = (
+        f"Rows whose rounds disagree are flagged: '! bimodal' (two groups of rounds "
+        f"{timing.BIMODAL_GAP:g}x or more apart, {timing.MIN_MODE}+ rounds each) get no ratio to PyTorch "
+        f"('\u2014'), '~ noisy' (the middle half of the rounds spreads more than "
+        f"{100 * timing.NOISY_SPREAD:.0f}% of the median) get theirs marked '?'."
+    )
     parser.add_argument("--shapes", type=_shapes, default=_shapes(",".join(shapes.DEFAULT_SHAPES)),
                         help="comma list of [layout:]NxC... shapes; the position of 'c' in the layout "
                              f"is the feature axis (default {','.join(shapes.DEFAULT_SHAPES)})")
