@@ -269,7 +269,7 @@ class _Library:
             hint = f" ({self.install})" if self.install else ""
             raise Unavailable(f"{self.import_name} is not installed{hint}: {exc}") from None
 
-    def dtype(self, xp: Any, module: ModuleType, name: str) -> Any:
+    def dtype(self, xp: Any, name: str) -> Any:
         """The library's dtype called ``name``, or None when it has none."""
         return getattr(xp, name, None)
 
@@ -304,7 +304,7 @@ class _Dask(_Library):
     install = "pip install 'dask[array]'"
     lazy = True
 
-    def dtype(self, xp: Any, module: ModuleType, name: str) -> Any:
+    def dtype(self, xp: Any, name: str) -> Any:
         # Dask's arrays take NumPy dtypes; its array-API namespace lacks float16
         try:
             return np.dtype(name)
@@ -438,7 +438,7 @@ class Backend:
         """
         if not isinstance(name, str):
             return name
-        found = self.bfloat16 if name == "bfloat16" else self._library.dtype(self.xp, self.module, name)
+        found = self.bfloat16 if name == "bfloat16" else self._library.dtype(self.xp, name)
         if found is None:
             raise TypeError(f"{self.name} has no dtype {name!r}")
         return found
@@ -531,7 +531,7 @@ def for_module(module: ModuleType, device: Any = None, *, name: str | None = Non
         xp = array_api_compat.array_namespace(module.asarray(np.zeros(1, dtype=np.float32)))
     except TypeError:
         raise ValueError(f"backend {module.__name__}: its arrays are not array-API arrays") from None
-    float16 = library.dtype(xp, module, "float16") is not None
+    float16 = library.dtype(xp, "float16") is not None
     return Backend(name or module.__name__, module, xp, device, float16, getattr(module, "bfloat16", None),
                    library.lazy, _library=library)
 
