@@ -47,6 +47,20 @@ class BatchNormSaved:
         x-hat by up to 1e-3. None for fixed statistics, which ``mean`` holds exactly.
     layout : Layout
         The validated fold of ``x`` (shape, axis, outer, C, inner): backward reuses it.
+    r, d : array of shape (C,), or None
+        Batch renormalization's correction (:func:`anybn.batch_renorm_train`):
+        y = weight * (x-hat * r + d) + bias, with r and d constants in backward. None for
+        plain batch normalization.
+    groups : tuple of BatchNormSaved, or None
+        Ghost batch normalization (``virtual_batch_size=``): each chunk's own saved state,
+        in batch order. ``mean`` and ``var`` then hold the chunks' mean of means and mean
+        of biased variances, and ``count`` the values per feature of one chunk, so that
+        :func:`anybn.update_running_stats` averages the chunks' unbiased variances.
+    comm : anybn.distributed.Communicator, or None
+        Synchronized batch normalization (``comm=``): the communicator the forward pass
+        merged its statistics over, and that backward all-reduces its sums over. Then
+        ``mean``, ``var`` and ``count`` are those of the global batch (every rank's values),
+        while ``x``, ``pivot`` and ``delta`` are this rank's (mean = pivot + delta).
     """
 
     x: Array
@@ -62,6 +76,15 @@ class BatchNormSaved:
     pivot: Array | None = None
     delta: Array | None = None
     layout: Layout | None = None
+    r: Array | None = None
+    d: Array | None = None
+    groups: tuple[BatchNormSaved, ...] | None = None
+    comm: Any = None
+
+    @property
+    def plain(self) -> bool:
+        """True for plain batch normalization: neither renormalized nor grouped."""
+        return self.r is None and self.groups is None
 
     def __getstate__(self) -> dict[str, Any]:  # slots dataclass: pickle by fields
         return {name: getattr(self, name) for name in self.__dataclass_fields__}

@@ -145,12 +145,18 @@ def backward_coefficients(
     - fixed statistics: dx = k * dy;
 
     dweight = sum(dy * x-hat) = (sum(dy * (x - pivot)) - delta * sum(dy)) * invstd, and
-    dbias = sum(dy). ``sums`` may be None when nothing needs them (fixed statistics, no
+    dbias = sum(dy). Renormalized (``saved.r`` set): k = weight * invstd * r and
+    dweight = sum(dy * (x-hat * r + d)). ``sums`` may be None when nothing needs them (fixed statistics, no
     weight and no bias).
     """
     invstd = _as(xp, saved.invstd, dtype)
     w = _as(xp, saved.weight, dtype)
     k = invstd if w is None else w * invstd
+    r = _as(xp, saved.r, dtype)
+    if r is not None:
+        # renormalization, y = weight * (x-hat * r + d) + bias with r, d constants: the
+        # gradient reaching x-hat is scaled by r, the rest is plain batch normalization's
+        k = k * r
     delta = _as(xp, saved.delta, dtype)
     sum_dy = sum_dy_xhat = None
     if sums is not None:
@@ -167,6 +173,10 @@ def backward_coefficients(
         if delta is not None:
             b = b - a * delta
     out_dtype = saved.invstd.dtype
+    if r is not None and w is not None:
+        assert sum_dy is not None and sum_dy_xhat is not None
+        # dweight = sum(dy * (x-hat * r + d))
+        sum_dy_xhat = sum_dy_xhat * r + sum_dy * _as(xp, saved.d, dtype)
     dweight = _as(xp, sum_dy_xhat, out_dtype) if w is not None else None
     dbias = _as(xp, sum_dy, out_dtype) if saved.has_bias else None
     return BackwardCoefficients(a, b, k, dweight, dbias)

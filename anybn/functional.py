@@ -17,10 +17,12 @@ from typing import Any
 
 from . import _fast
 from ._checks import check_eps, check_feature_vector, check_floating, check_real
+from ._kernels import GENERIC, Kernels
 from ._layout import Layout, layout_of
-from ._namespace import Array, Namespace, compute_dtype, namespace_of
+from ._namespace import Array, Namespace, compute_dtype, device_of, namespace_of
 from ._saved import BatchNormSaved
 from ._steps import (
+    Stats,
     backward_coefficients,
     fixed_coefficients,
     is_lazy,
@@ -67,6 +69,8 @@ def batch_norm_train(
     *,
     axis: int = 1,
     eps: float = 1e-5,
+    virtual_batch_size: int | None = None,
+    comm: Any = None,
 ) -> tuple[Array, BatchNormSaved]:
     """Normalize ``x`` with its own per-feature batch statistics (training mode).
 
@@ -83,6 +87,18 @@ def batch_norm_train(
         The feature axis. 1 is PyTorch's NC... layout, -1 is channels-last.
     eps : float, default 1e-5
         Added to the variance; must be finite and > 0.
+    virtual_batch_size : int, optional
+        Ghost batch normalization (Hoffer et al. 2017): consecutive chunks of this many
+        samples along axis 0 are normalized with their own statistics, so y equals batch
+        normalization applied to each chunk separately. It must divide ``x.shape[0]``, and
+        the feature axis must not be axis 0. None (the default): the whole batch.
+    comm : anybn.distributed.Communicator, optional
+        Synchronized batch normalization: ``x`` is this rank's slice of a global batch
+        (any size, even empty), and y is normalized with the statistics of the global batch
+        (every rank's values), merged exactly (Chan's formula, in float64 where the backend
+        has it). Two collectives: a small header, then the (C,)-sized moments. An input
+        error on any rank raises on every rank, naming the rank. Backward all-reduces
+        through ``saved.comm``. None (the default): the statistics of ``x`` alone.
 
     Returns
     -------
@@ -90,6 +106,8 @@ def batch_norm_train(
     saved : BatchNormSaved
         Input to :func:`batch_norm_backward`: a reference to ``x``, the batch mean, the
         biased variance and ``invstd`` of shape (C,), in float32 for float16/bfloat16 ``x``.
+        With ``virtual_batch_size``, the chunks' mean of means and mean of variances, and
+        each chunk's own state in ``saved.groups``.
 
     Notes
     -----
@@ -103,7 +121,13 @@ def batch_norm_train(
     pass over x, and writes y in a second.
     """
     fn = "batch_norm_train"
+    if comm is not None:
+        if virtual_batch_size is not None:
+            raise ValueError(f"{fn}: comm and virtual_batch_size cannot be combined (got both)")
+        return _train_synchronized(fn, x, weight, bias, axis, eps, comm)
     xp, layout, eps = _validated(fn, x, axis, eps, weight=weight, bias=bias)
+    if virtual_batch_size is not None:
+        return _ghost_train(fn, xp, x, layout, weight, bias, eps, virtual_batch_size)
     if layout.per_feature < 2:
         raise ValueError(
             f"{fn}: expected more than 1 value per feature when training, got x.shape = "
@@ -113,6 +137,14 @@ def batch_norm_train(
     whole = getattr(kernels, "train_whole", None)  # small inputs: one compiled call, proven equal
     if whole is not None and (done := whole(xp, x, layout, weight, bias, eps)) is not None:
         return done
+    return _train_stages(xp, x, layout, kernels, weight, bias, eps)
+
+
+def _train_stages(
+    xp: Namespace, x: Array, layout: Layout, kernels: Kernels, weight: Array | None, bias: Array | None,
+    eps: float,
+) -> tuple[Array, BatchNormSaved]:
+    """The training forward as its three stages, on validated arguments."""
     # reductions
     sums = kernels.moments(xp, x, layout)
     # coefficients
@@ -126,7 +158,7 @@ def batch_norm_train(
         x=x,
         mean=_as(xp, stats.pivot + stats.delta, cdt),
         invstd=_as(xp, coef.invstd, cdt),
-        var=_as(xp, stats.var, cdt),
+        var=_saturated(xp, stats.var, cdt),
         weight=weight,
         has_bias=bias is not None,
         axis=layout.axis,
@@ -137,6 +169,65 @@ def batch_norm_train(
         layout=layout,
     )
     return y, saved
+
+
+def _ghost_layout(fn: str, layout: Layout, virtual_batch_size: Any) -> tuple[Layout, int]:
+    """The layout of one chunk of ``virtual_batch_size`` samples, and the number of chunks."""
+    from ._checks import _integer
+
+    v = _integer(fn, "virtual_batch_size", virtual_batch_size, "a positive int or None")
+    n = layout.shape[0]
+    if layout.axis == 0:
+        raise ValueError(
+            f"{fn}: virtual_batch_size needs the batch along axis 0 and the features on another "
+            f"axis, got axis=0 (x.shape = {layout.shape})"
+        )
+    if v < 1 or n % v:
+        raise ValueError(
+            f"{fn}: virtual_batch_size={v} must be a positive divisor of the batch size "
+            f"x.shape[0] = {n} (x.shape = {layout.shape})"
+        )
+    chunk = layout._replace(shape=(v,) + layout.shape[1:], outer=layout.outer // n * v)
+    if chunk.per_feature < 2:
+        raise ValueError(
+            f"{fn}: expected more than 1 value per feature in each virtual batch when training, got "
+            f"virtual_batch_size={v} with x.shape = {layout.shape} ({chunk.per_feature} value(s) per "
+            f"feature per virtual batch)"
+        )
+    return chunk, n // v
+
+
+def _ghost_train(
+    fn: str, xp: Namespace, x: Array, layout: Layout, weight: Array | None, bias: Array | None, eps: float,
+    virtual_batch_size: Any,
+) -> tuple[Array, BatchNormSaved]:
+    """Ghost batch normalization: the three stages on each chunk of the batch axis."""
+    chunk, groups = _ghost_layout(fn, layout, virtual_batch_size)
+    v = chunk.shape[0]
+    kernels = _fast.kernels_for("train", xp, x)  # a C-contiguous x has C-contiguous chunks
+    ys, saves = [], []
+    for g in range(groups):
+        y, saved = _train_stages(xp, x[g * v : (g + 1) * v, ...], chunk, kernels, weight, bias, eps)
+        ys.append(y)
+        saves.append(saved)
+    mean, var = saves[0].mean, saves[0].var
+    for s in saves[1:]:
+        mean, var = mean + s.mean, var + s.var
+    mean, var = mean / groups, var / groups
+    saved = BatchNormSaved(
+        x=x,
+        mean=mean,
+        invstd=1.0 / xp.sqrt(var + eps),
+        var=var,
+        weight=weight,
+        has_bias=bias is not None,
+        axis=layout.axis,
+        eps=eps,
+        count=chunk.per_feature,
+        layout=layout,
+        groups=tuple(saves),
+    )
+    return xp.concat(ys, axis=0) if groups > 1 else ys[0], saved
 
 
 def batch_norm_fixed(
@@ -286,9 +377,25 @@ def batch_norm_backward(
             f"{fn}: saved must be the BatchNormSaved returned by batch_norm_train, "
             f"got {type(saved).__name__}"
         )
+    if saved.comm is not None:
+        return _backward_synchronized(fn, dy, saved)
+    x = saved.x
+    xp = _checked_grad(fn, dy, x)
+    layout = saved.layout if saved.layout is not None else layout_of(fn, xp, x, saved.axis)
+    kernels = _fast.kernels_for("backward", xp, x, dy)
+    if saved.groups is not None:
+        return _ghost_backward(xp, dy, saved, kernels)
+    # small inputs: one compiled call, proven equal (plain batch normalization only)
+    whole = getattr(kernels, "backward_whole", None) if saved.plain else None
+    if whole is not None and (done := whole(xp, dy, saved, layout)) is not None:
+        return done
+    return _backward_stages(xp, x, dy, saved, layout, kernels)
+
+
+def _checked_grad(fn: str, dy: Array, x: Array) -> Namespace:
+    """The namespace of ``dy``, checked against the forward input ``x``."""
     if dy is None:
         raise TypeError(f"{fn}: dy must be an array of the shape of the forward input, got None")
-    x = saved.x
     xp = namespace_of(fn, dy=dy, x=x)
     check_floating(fn, "dy", xp, dy)
     if tuple(dy.shape) != tuple(x.shape):
@@ -296,11 +403,13 @@ def batch_norm_backward(
             f"{fn}: dy has shape {tuple(dy.shape)}, expected {tuple(x.shape)} = the shape of "
             f"the forward input"
         )
-    layout = saved.layout if saved.layout is not None else layout_of(fn, xp, x, saved.axis)
-    kernels = _fast.kernels_for("backward", xp, x, dy)
-    whole = getattr(kernels, "backward_whole", None)  # small inputs: one compiled call, proven equal
-    if whole is not None and (done := whole(xp, dy, saved, layout)) is not None:
-        return done
+    return xp
+
+
+def _backward_stages(
+    xp: Namespace, x: Array, dy: Array, saved: BatchNormSaved, layout: Layout, kernels: Kernels
+) -> tuple[Array, Array | None, Array | None]:
+    """The backward as its three stages, on validated arguments."""
     dtype = kernels.coefficient_dtype(xp, x)
     pivot = saved.mean if saved.pivot is None else saved.pivot
     # reductions: sum(dy) where dbias or the batch statistics need it, sum(dy * (x - pivot))
@@ -315,6 +424,24 @@ def batch_norm_backward(
     dx = kernels.grad_apply(xp, x, dy, layout, pivot, coef.a, coef.b, coef.k,
                             scratch=None if sums is None else sums.scratch)
     return dx, coef.dweight, coef.dbias
+
+
+def _ghost_backward(
+    xp: Namespace, dy: Array, saved: BatchNormSaved, kernels: Kernels
+) -> tuple[Array, Array | None, Array | None]:
+    """Each chunk's backward stages; the parameter gradients summed over the chunks."""
+    assert saved.groups is not None
+    dxs, dweight, dbias = [], None, None
+    start = 0
+    for part in saved.groups:
+        stop = start + part.x.shape[0]
+        assert part.layout is not None
+        dx, dw, db = _backward_stages(xp, part.x, dy[start:stop, ...], part, part.layout, kernels)
+        start = stop
+        dxs.append(dx)
+        dweight = dw if dweight is None else dweight + dw
+        dbias = db if dbias is None else dbias + db
+    return (xp.concat(dxs, axis=0) if len(dxs) > 1 else dxs[0]), dweight, dbias
 
 
 def update_running_stats(
@@ -379,5 +506,124 @@ def update_running_stats(
     )
 
 
+def _train_synchronized(
+    fn: str, x: Array, weight: Array | None, bias: Array | None, axis: Any, eps: Any, comm: Any,
+    error: Exception | None = None,
+) -> tuple[Array, BatchNormSaved]:
+    """The training forward over the global batch: reductions -> collectives -> coefficients -> apply.
+
+    A local check that fails (or ``error``, from the caller's own checks) does not raise
+    here before the header collective: the rank joins it with a not-ok flag, and every rank
+    raises together.
+    """
+    from .distributed import _sync
+
+    xp = layout = None
+    if error is None:
+        try:
+            xp, layout, eps = _validated(fn, x, axis, eps, weight=weight, bias=bias)
+        except (TypeError, ValueError) as e:
+            error = e
+    if error is None:
+        assert layout is not None
+        device = device_of(x)
+        kernels = _fast.kernels_for("train", xp, x)  # never its whole-step shortcut: it skips the stages
+        dtype = kernels.coefficient_dtype(xp, x)
+        bits = xp.finfo(_sync.payload_dtype(xp, device, dtype)).bits
+        header = _sync.header_of(None, layout.per_feature, layout.features, bits)
+    else:
+        header = _sync.header_of(error, 0, -1, -1)
+    counts = _sync.exchange_header(fn, comm, header, error)  # raises on every rank on any error
+    assert xp is not None and layout is not None
+    # reductions (none on an empty slice)
+    n = layout.per_feature
+    sums = kernels.moments(xp, x, layout) if n > 0 else None
+    # collective, then coefficients: global statistics around this rank's pivot
+    merged = _sync.merge_forward(comm, xp, sums, counts, layout.features, dtype, device)
+    stats = Stats(merged.count, merged.pivot, merged.delta, merged.var)
+    coef = train_coefficients(xp, stats, weight, bias, eps)
+    # apply
+    if n > 0:
+        assert sums is not None
+        y = kernels.apply(xp, x, layout, coef.pivot, coef.scale, coef.shift, scratch=sums.scratch)
+    else:
+        y = xp.zeros(layout.shape, dtype=x.dtype, device=device)
+
+    cdt = compute_dtype(xp, x.dtype)
+    saved = BatchNormSaved(
+        x=x,
+        mean=_as(xp, merged.mean, cdt),  # bitwise the same on every rank: so are running stats
+        invstd=_as(xp, coef.invstd, cdt),
+        var=_as(xp, merged.var, cdt),
+        weight=weight,
+        has_bias=bias is not None,
+        axis=layout.axis,
+        eps=eps,
+        count=merged.count,
+        pivot=_as(xp, merged.pivot, cdt),
+        delta=_as(xp, merged.delta, cdt),
+        layout=layout,
+        comm=comm,
+    )
+    return y, saved
+
+
+def _backward_synchronized(
+    fn: str, dy: Array, saved: BatchNormSaved
+) -> tuple[Array, Array | None, Array | None]:
+    """The backward over the global batch: one all-reduce of the two sums (and an error flag).
+
+    dx uses the global sums; dweight and dbias are this rank's own contribution (their sum
+    over ranks is the global gradient, as in PyTorch's SyncBatchNorm).
+    """
+    from dataclasses import replace
+
+    from ._moments import GradSums
+    from .distributed import _sync
+
+    x = saved.x
+    xp = namespace_of(fn, x=x)
+    error = None
+    try:
+        xp = _checked_grad(fn, dy, x)
+    except (TypeError, ValueError) as e:
+        error = e
+    layout = saved.layout if saved.layout is not None else layout_of(fn, xp, x, saved.axis)
+    device = device_of(x)
+    n = layout.per_feature
+    kernels = _fast.kernels_for("backward", xp, x, dy) if error is None and n > 0 else GENERIC
+    dtype = kernels.coefficient_dtype(xp, x)
+    assert saved.pivot is not None and saved.delta is not None
+    pivot = _as(xp, saved.pivot, dtype)
+    # reductions (zeros on an empty slice or after a failed check)
+    if error is None and n > 0:
+        local = kernels.grad_sums(xp, x, dy, layout, pivot)
+    else:
+        zeros = xp.zeros(layout.features, dtype=dtype, device=device)
+        local = GradSums(zeros, zeros)
+    # collective, then coefficients: dx from the global sums, dweight/dbias from this rank's
+    total = _sync.reduce_backward(fn, saved.comm, xp, local, _as(xp, saved.delta, dtype), error, dtype,
+                                  device)
+    coef = backward_coefficients(xp, saved, total, dtype)
+    own = backward_coefficients(xp, replace(saved, batch_stats=False), GradSums(local.sum_dy, local.sum_dy_d),
+                                dtype)
+    # apply
+    if n > 0:
+        dx = kernels.grad_apply(xp, x, dy, layout, pivot, coef.a, coef.b, coef.k, scratch=local.scratch)
+    else:
+        dx = xp.zeros(layout.shape, dtype=x.dtype, device=device)
+    return dx, own.dweight, own.dbias
+
+
 def _as(xp: Namespace, a: Array, dtype: Any) -> Array:
     return a if a.dtype == dtype else xp.astype(a, dtype)
+
+
+def _saturated(xp: Namespace, a: Array, dtype: Any) -> Array:
+    """``a`` in ``dtype``, values past its range as inf: a variance of float32 values near
+    3e38, summed in float64, does not fit float32 (the cast would warn of overflow)."""
+    if a.dtype == dtype:
+        return a
+    if xp.finfo(a.dtype).max > xp.finfo(dtype).max:
+        a = xp.where(xp.abs(a) > xp.finfo(dtype).max, a * float("inf"), a)
+    return xp.astype(a, dtype)

@@ -9,9 +9,9 @@ import array_api_compat
 
 from . import interop
 from ._checks import check_axis, check_eps, check_momentum, check_num_features, check_real
-from ._namespace import Array, describe, library_name, namespace_from_module, namespace_of
+from ._namespace import Array, describe, library_name, namespace_from_module, namespace_of, portable, restore
 from ._saved import BatchNormSaved
-from .functional import _fixed, batch_norm_backward, batch_norm_train, update_running_stats
+from .functional import _fixed, _train_synchronized, batch_norm_backward, batch_norm_train, update_running_stats
 from .population import Method, PopulationStats
 
 __all__ = ["BatchNorm"]
@@ -48,6 +48,20 @@ class BatchNorm:
     dtype : optional
         Real floating dtype of the parameters (an ``xp`` dtype or its name); float32 by
         default. float16/bfloat16 inputs pair well with float32 parameters.
+    virtual_batch_size : int, optional
+        Ghost batch normalization in training mode: chunks of this many samples along axis
+        0 are normalized with their own statistics (see :func:`anybn.batch_norm_train`); the
+        running statistics are updated once per call, with the chunks' mean of means and
+        mean of unbiased variances. Eval mode is unchanged. None: the whole batch.
+    comm : anybn.distributed.Communicator, optional
+        Synchronized batch normalization (data-parallel training): each rank's input is its
+        slice of the global batch, and training-mode forward passes normalize with the
+        statistics of the global batch (see :func:`anybn.batch_norm_train`). The running
+        statistics are then bitwise the same on every rank. ``grad_weight`` and
+        ``grad_bias`` are this rank's own contribution: sum them over ranks (the usual
+        data-parallel gradient all-reduce) for the global gradient, as with PyTorch's
+        ``SyncBatchNorm``. Eval mode makes no collective. Settable later, or through
+        :func:`anybn.distributed.synchronize`.
 
     Attributes
     ----------
@@ -59,6 +73,9 @@ class BatchNorm:
     grad_weight, grad_bias : array of shape (C,) or None
         Set by :meth:`backward`.
     training : bool
+    frozen : bool
+        Set by :meth:`freeze`: normalize with the running statistics in every mode, never
+        update them. :meth:`train` leaves it alone.
     population : PopulationStats or None
         When set, every forward pass normalizes with the batch statistics and adds them to
         this :class:`PopulationStats` (no extra pass over the data), leaving the running
@@ -78,9 +95,20 @@ class BatchNorm:
         xp: Any = None,
         device: Any = None,
         dtype: Any = None,
+        virtual_batch_size: int | None = None,
+        comm: Any = None,
     ) -> None:
         fn = "BatchNorm"
         self.num_features = check_num_features(fn, num_features)
+        if virtual_batch_size is not None:
+            from ._checks import _integer
+
+            virtual_batch_size = _integer(fn, "virtual_batch_size", virtual_batch_size, "a positive int or None")
+            if virtual_batch_size < 1:
+                raise ValueError(f"{fn}: virtual_batch_size must be a positive int or None, got {virtual_batch_size}")
+        self.virtual_batch_size: int | None = virtual_batch_size
+        self.comm: Any = comm
+        self.frozen = False
         self.axis = check_axis(fn, axis)
         self.eps = check_eps(fn, eps)
         self.momentum = check_momentum(fn, momentum)
@@ -153,6 +181,27 @@ class BatchNorm:
         """Set eval mode; returns ``self``."""
         return self.train(False)
 
+    def freeze(self) -> BatchNorm:
+        """Freeze the statistics (fine-tuning); returns ``self``.
+
+        A frozen layer normalizes with its running statistics in training mode too, never
+        updates them, and its backward treats them as constants: dx = dy * weight /
+        sqrt(running_var + eps), while ``grad_weight`` and ``grad_bias`` are still set.
+        :meth:`train` and :meth:`eval` do not undo it (unlike PyTorch's ``bn.eval()`` trick,
+        which ``model.train()`` silently reverts); :meth:`unfreeze` does. The state dict is
+        unchanged.
+        """
+        if not self.track_running_stats:
+            raise ValueError("BatchNorm.freeze: the layer has track_running_stats=False: no running "
+                             "statistics to freeze")
+        self.frozen = True
+        return self
+
+    def unfreeze(self) -> BatchNorm:
+        """Undo :meth:`freeze`; returns ``self``."""
+        self.frozen = False
+        return self
+
     # -- forward and backward -----------------------------------------------------------
 
     def _check_input(self, x: Array) -> None:
@@ -179,12 +228,23 @@ class BatchNorm:
         Returns an array of the same shape, dtype, namespace and device. In training mode
         with ``track_running_stats``, also updates the running statistics.
         """
+        if self.comm is not None and not self.frozen and (
+            self.training or not self.track_running_stats or self.population is not None
+        ):
+            return self._forward_synchronized(x)
         self._check_input(x)
-        if self.population is not None:  # collecting population statistics
-            y, saved = batch_norm_train(x, self.weight, self.bias, axis=self.axis, eps=self.eps)
-            self.population.update_from(saved)
+        virtual = self.virtual_batch_size if self.training else None  # ghost BN trains only
+        if self.frozen:
+            y, saved = _fixed("BatchNorm", x, self.running_mean, self.running_var, self.weight, self.bias,
+                              axis=self.axis, eps=self.eps)
+        elif self.population is not None:  # collecting population statistics
+            y, saved = batch_norm_train(x, self.weight, self.bias, axis=self.axis, eps=self.eps,
+                                        virtual_batch_size=virtual)
+            for part in saved.groups or (saved,):
+                self.population.update_from(part)
         elif self.training or not self.track_running_stats:
-            y, saved = batch_norm_train(x, self.weight, self.bias, axis=self.axis, eps=self.eps)
+            y, saved = batch_norm_train(x, self.weight, self.bias, axis=self.axis, eps=self.eps,
+                                        virtual_batch_size=virtual)
             if self.training and self.track_running_stats:
                 assert self.running_mean is not None and self.running_var is not None
                 self.num_batches_tracked += 1
@@ -195,6 +255,29 @@ class BatchNorm:
         else:
             y, saved = _fixed("BatchNorm", x, self.running_mean, self.running_var, self.weight, self.bias,
                               axis=self.axis, eps=self.eps)
+        self._saved = saved
+        return y
+
+    def _forward_synchronized(self, x: Array) -> Array:
+        """A forward pass with batch statistics over every rank of ``self.comm``."""
+        fn = "BatchNorm"
+        if self.virtual_batch_size is not None:
+            raise ValueError(f"{fn}: comm and virtual_batch_size cannot be combined (got both)")
+        error = None
+        try:  # a bad input must still reach the collectives, so that every rank raises
+            self._check_input(x)
+        except (TypeError, ValueError) as e:
+            error = e
+        y, saved = _train_synchronized(fn, x, self.weight, self.bias, self.axis, self.eps, self.comm, error)
+        if self.population is not None:
+            self.population.update_from(saved)
+        elif self.training and self.track_running_stats:
+            assert self.running_mean is not None and self.running_var is not None
+            self.num_batches_tracked += 1
+            self.running_mean, self.running_var = update_running_stats(
+                self.running_mean, self.running_var, saved, momentum=self.momentum,
+                num_batches_tracked=self.num_batches_tracked,
+            )
         self._saved = saved
         return y
 
@@ -381,10 +464,24 @@ class BatchNorm:
         )
         self.load_state_dict(state)
 
+    # -- pickling: the namespace module and JAX devices do not pickle; their names do ----
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_xp"], state["_device"] = portable(self._xp, self._device)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        state["_xp"], state["_device"] = restore(state["_xp"], state["_device"])
+        self.__dict__.update(state)
+
     def __repr__(self) -> str:
         return (
             f"BatchNorm({self.num_features}, axis={self.axis}, eps={self.eps}, "
             f"momentum={self.momentum}, affine={self.affine}, "
-            f"track_running_stats={self.track_running_stats}, xp={library_name(self._xp)})"
+            f"track_running_stats={self.track_running_stats}, xp={library_name(self._xp)}"
+            + ("" if self.virtual_batch_size is None else f", virtual_batch_size={self.virtual_batch_size}")
+            + (", frozen" if self.frozen else "") + ")"
         )
 
