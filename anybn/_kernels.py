@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Any, Literal, Protocol
 
+import array_api_compat
+
 from ._layout import Layout, fold, unfold
 from ._moments import GradSums, Sums, grad_sums, shifted_sums
 from ._namespace import Array, Namespace, compute_dtype, device_of
@@ -107,7 +109,8 @@ class GenericKernels:
         return compute_dtype(xp, x.dtype)
 
     def moments(self, xp: Namespace, x: Array, layout: Layout) -> Sums:
-        return shifted_sums(xp, x, layout, compute_dtype(xp, x.dtype), device_of(x))
+        return shifted_sums(xp, x, layout, compute_dtype(xp, x.dtype), device_of(x),
+                            bool(array_api_compat.is_lazy_array(x)))
 
     def apply(self, xp, x, layout, pivot, scale, shift, *, scratch=None):  # type: ignore[no-untyped-def]
         b = layout.broadcastable

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from ._layout import Layout, fold
-from ._namespace import Array, Namespace
+from ._namespace import Array, Namespace, accumulation_dtype
 
 __all__ = ["BatchMoments", "FeatureReducer", "Sums", "grad_sums", "merge_moments", "shifted_sums"]
 
@@ -147,7 +147,22 @@ class Sums(NamedTuple):
     scratch: Any = None  # the folded x - pivot, owned: the same path's apply may finish y in it
 
 
-def shifted_sums(xp: Namespace, x: Array, layout: Layout, dtype: Any, device: Any) -> Sums:
+# Deviations past 2**63 square past float32's max (3.4e38): where the pivot is that far out,
+# the deviations may be too, and float32 sums would overflow to inf.
+_HUGE = 2.0**62
+
+
+def _wider_for_huge_values(xp: Namespace, pivot: Array, dtype: Any, device: Any, lazy: bool) -> Any:
+    """float64 (where the backend has it) when float32 values sit near float32's limits."""
+    if lazy or xp.finfo(dtype).bits > 32:
+        return None
+    acc = accumulation_dtype(xp, device, dtype)
+    if acc == dtype or not bool(xp.max(xp.abs(pivot)) > _HUGE):
+        return None
+    return acc
+
+
+def shifted_sums(xp: Namespace, x: Array, layout: Layout, dtype: Any, device: Any, lazy: bool = True) -> Sums:
     """Per-feature sums of x shifted by a pivot near the mean (generic path).
 
     The pivot is the mean of the leading 1/64 of the outer slices, so ``x - pivot`` is exact
@@ -156,10 +171,17 @@ def shifted_sums(xp: Namespace, x: Array, layout: Layout, dtype: Any, device: An
     relative, where E[x^2] - E[x]^2 is off by orders of magnitude. One pass writes the
     centered buffer, two BLAS products read it: x itself is read once. The buffer comes back
     as ``scratch`` for the apply to finish y in.
+
+    float32 values beyond 2**62 (whose deviations could square past float32's max) are
+    summed in float64 where the backend has it; ``lazy`` inputs cannot be inspected and keep
+    ``dtype``.
     """
     reducer = FeatureReducer(xp, layout, dtype, device)
     xf = fold(xp, x, layout, dtype)
     pivot = reducer.pivot(xf)
+    wider = _wider_for_huge_values(xp, pivot, dtype, device, lazy)
+    if wider is not None:
+        return shifted_sums(xp, x, layout, wider, device)
     centered = xf - layout.broadcastable(xp, pivot)
     s1 = reducer.sum(centered)
     s2 = reducer.dot(centered, centered)

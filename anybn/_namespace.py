@@ -131,3 +131,27 @@ def accumulation_dtype(xp: Namespace, device: Any, dtype: Any) -> Any:
     except Exception:  # a namespace without the inspection API: keep what we have
         return dtype
     return available.get("float64", dtype)
+
+
+def portable(xp: Namespace | None, device: Any) -> tuple[str | None, Any]:
+    """A picklable stand-in for a namespace and a device: the module's name, and the device
+    itself, or for JAX (whose devices do not pickle) its platform and id."""
+    if xp is None:
+        return None, device
+    if array_api_compat.is_jax_namespace(xp) and device is not None and hasattr(device, "platform"):
+        device = ("jax-device", device.platform, device.id)
+    return xp.__name__, device
+
+
+def restore(name: str | None, device: Any) -> tuple[Namespace | None, Any]:
+    """The namespace and device that :func:`portable` stood in for, imported again."""
+    if name is None:
+        return None, device
+    import importlib
+
+    xp = importlib.import_module(name)
+    if isinstance(device, tuple) and len(device) == 3 and device[0] == "jax-device":
+        import jax
+
+        device = next(d for d in jax.devices(device[1]) if d.id == device[2])
+    return xp, device

@@ -10,7 +10,17 @@ from . import _fast
 from ._checks import check_axis, check_num_features
 from ._layout import layout_of
 from ._moments import BatchMoments, merge_moments
-from ._namespace import Array, Namespace, accumulation_dtype, compute_dtype, describe, library_name, namespace_of
+from ._namespace import (
+    Array,
+    Namespace,
+    accumulation_dtype,
+    compute_dtype,
+    describe,
+    library_name,
+    namespace_of,
+    portable,
+    restore,
+)
 from ._saved import BatchNormSaved
 from ._steps import Stats, stats_from_sums
 
@@ -44,6 +54,12 @@ class PopulationStats:
         C, the size of the feature axis of every batch.
     axis : int, default 1
         The feature axis of the batches (-1 for channels-last).
+    comm : anybn.distributed.Communicator, optional
+        Data-parallel estimation: every rank adds its own batches, and :meth:`result`
+        (called on every rank) merges all ranks' moments exactly (two collectives) and
+        returns the same estimate on every rank. A rank may have seen no batch. Leave it
+        None when feeding :meth:`update_from` with synchronized forward passes: their
+        statistics are already global.
 
     Notes
     -----
@@ -52,15 +68,27 @@ class PopulationStats:
     float16/bfloat16 batches) in their namespace and on their device.
     """
 
-    def __init__(self, num_features: int, *, axis: int = 1) -> None:
+    def __init__(self, num_features: int, *, axis: int = 1, comm: Any = None) -> None:
         self.num_features = check_num_features("PopulationStats", num_features)
         self.axis = check_axis("PopulationStats", axis)
+        self.comm = comm
         self._xp: Any = None
         self._device: Any = None
         self._dtype: Any = None
         self._batches = 0
         self._total: BatchMoments | None = None  # all values, merged exactly
         self._within_m2: Array | None = None  # sum over batches of m_i * var_i
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the namespace module and JAX devices do not pickle; their names do
+        state = self.__dict__.copy()
+        state["_xp"], state["_device"] = portable(self._xp, self._device)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        state["_xp"], state["_device"] = restore(state["_xp"], state["_device"])
+        self.__dict__.update(state)
 
     @property
     def num_batches(self) -> int:
@@ -116,7 +144,17 @@ class PopulationStats:
             )
         xp = namespace_of(fn, x=saved.x)
         self._check_same_library(fn, xp, saved.x)
-        self._add(xp, saved.x, Stats(saved.count, saved.pivot, saved.delta, saved.var))
+        if saved.comm is None:
+            self._add(xp, saved.x, Stats(saved.count, saved.pivot, saved.delta, saved.var))
+            return self
+        if self.comm is not None:
+            raise ValueError(
+                f"{fn}: saved holds global statistics (a synchronized forward pass, comm=...), and this "
+                f"PopulationStats merges across ranks too (comm=...): they would be counted once per "
+                f"rank; create the PopulationStats without comm"
+            )
+        # global statistics, bitwise the same on every rank: keep them so (mean as it is)
+        self._add(xp, saved.x, Stats(saved.count, saved.mean, xp.zeros_like(saved.mean), saved.var))
         return self
 
     def _check_same_library(self, fn: str, xp: Namespace, x: Array) -> None:
@@ -160,22 +198,37 @@ class PopulationStats:
         fn = "PopulationStats.result"
         if method not in ("paper", "pooled"):
             raise ValueError(f"{fn}: method must be 'paper' or 'pooled', got {method!r}")
-        if self._total is None:
+        if self.comm is not None:
+            xp, total, within_m2, batches = self._merged_over_ranks(fn)
+        elif self._total is None:
             raise ValueError(f"{fn}: no batch has been added; call update(x) first")
-        xp, total = self._xp, self._total
+        else:
+            xp, total, within_m2, batches = self._xp, self._total, self._within_m2, self._batches
         if method == "paper":
-            dof = total.count - self._batches
+            dof = total.count - batches
             if dof < 1:
                 raise ValueError(
                     f"{fn}: method 'paper' needs a batch with more than 1 value per feature, "
-                    f"got {self._batches} batch(es) of {total.count} value(s) in all"
+                    f"got {batches} batch(es) of {total.count} value(s) in all"
                 )
-            assert self._within_m2 is not None
-            var = self._within_m2 / dof
+            assert within_m2 is not None
+            var = within_m2 / dof
         else:
             if total.count < 2:
                 raise ValueError(
                     f"{fn}: method 'pooled' needs more than 1 value per feature, got {total.count}"
                 )
             var = total.m2 / (total.count - 1)
-        return xp.astype(total.mean, self._dtype), xp.astype(var, self._dtype)
+        dtype = self._dtype if self._dtype is not None else xp.float64
+        return xp.astype(total.mean, dtype), xp.astype(var, dtype)
+
+    def _merged_over_ranks(self, fn: str) -> tuple[Namespace, BatchMoments, Array, int]:
+        """Every rank's moments, merged in rank order (the same on every rank)."""
+        from .distributed import _sync
+
+        acc = None if self._xp is None else accumulation_dtype(self._xp, self._device, self._dtype)
+        total, within, batches, xp = _sync.merge_population(
+            fn, self.comm, self._xp, self._total, self._within_m2, self._batches, self.num_features, acc,
+            self._device,
+        )
+        return xp, total, within, batches
