@@ -21,7 +21,7 @@ import pytest
 import anybn
 from anybn import _fast
 from conftest import numpy_fast_path_installed
-from reference import reference_backward, reference_batch_norm
+from reference import bcast, features_last, reference_backward, reference_batch_norm, reference_moments
 
 pytestmark = pytest.mark.skipif(not numpy_fast_path_installed(),
                                 reason="no NumPy fast path installed (pip install 'anybn[fast]')")
@@ -81,25 +81,82 @@ def _assert_close(got, want, rtol, what):
     np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * scale, err_msg=what)
 
 
+def _bounds(x64, dy64, w64, b64, axis, dtype, path):
+    """Elementwise error bounds against float64 for y, dx, dweight, dbias, y_eval.
+
+    With u the unit roundoff of ``dtype``, m values per feature, x-hat in float64 and
+    R = max |x-hat| (the pivot lies within the data, so |mean - pivot| * invstd <= R):
+
+    - the fast path sums in float64 (error ~m * 2**-53: negligible for float32, not for
+      float64 inputs, and counted in the statistics' terms below), rounds each coefficient
+      to ``dtype`` once and does <= 4 roundings per element: y is off by at most
+      8u (|w| (|x-hat| + 2R) + |b|); dx = k (dy + a (x - p) + b) by
+      8u |k| (|dy| + |mean dy| + |mean(dy x-hat)| (|x-hat| + 2R)); the parameter gradients,
+      sums in float64 of products of rounded inputs, by 4u sum(|dy| (|x-hat| + 1)).
+    - the generic path sums in ``dtype`` itself: the shifted mean and the sums of the
+      backward carry <= m u relative error each (the classic bound for recursive summation;
+      BLAS's blocked sums do better), so u is replaced by m u in the terms that come
+      through the statistics.
+
+    A relative error of 1e-4 in any output exceeds these bounds for the fast path
+    (8u(1 + 2R) ~ 5e-6 for float32 at R ~ 5).
+    """
+    u = np.finfo(dtype).eps / 2
+    m = x64.size // x64.shape[axis]
+    # the statistics: float64 sums on the fast path (m * 2**-53), dtype sums on the generic one
+    stat_u = u + m * 2.0**-53 if path == "fast" else m * u
+    mean, var = reference_moments(x64, axis)
+    invstd = 1.0 / np.sqrt(var + 1e-5)
+    xhat = features_last(x64 - bcast(mean, x64.ndim, axis), axis) * invstd
+    g = features_last(dy64, axis)
+    r = np.abs(xhat).max(0)
+    w = np.ones(xhat.shape[1]) if w64 is None else np.abs(w64)
+    b = np.zeros(xhat.shape[1]) if b64 is None else np.abs(b64)
+    mg, mgx = np.abs(g.mean(0)), np.abs((g * xhat).mean(0))
+    tol_y = 8 * u * (w * (np.abs(xhat) + 2 * r) + b) + 8 * stat_u * w * (1 + r)
+    k = w * invstd
+    tol_dx = 8 * u * k * (np.abs(g) + mg + mgx * (np.abs(xhat) + 2 * r)) + 8 * stat_u * k * (mg + mgx * (1 + r))
+    tol_sum = 4 * stat_u * (np.abs(g) * (np.abs(xhat) + 1)).sum(0) + 4 * u * np.abs(g).sum(0)
+    return tol_y, tol_dx, tol_sum
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("shape, axis", SHAPES)
 def test_fast_path_equals_generic_path(monkeypatch, shape, axis, affine, dtype):
+    """Both paths against float64 with bounds from their error analyses (``_bounds``), and
+    the fast path's statistics against the generic path's."""
     monkeypatch.delenv("ANYBN_FAST_PATHS", raising=False)
     x, dy, w, b = _data(shape, axis, dtype, offset=3.0)
     if not affine:
         w = b = None
     assert _fast.select("train", NP, x) is not None
-    fast = _run_all(x, dy, w, b, axis)
-    generic = _generic(monkeypatch, _run_all, x, dy, w, b, axis)
-    for key in fast:
-        _assert_close(fast[key], generic[key], RTOL[dtype], key)
-    # and both against float64 written from the formulas (weight and bias of 1 and 0)
-    if not affine:
-        x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
-        _assert_close(fast["y"].astype(np.float64), reference_batch_norm(x64, axis), RTOL[dtype], "y vs float64")
-        _assert_close(fast["dx"].astype(np.float64), reference_backward(x64, dy64, axis)[0], RTOL[dtype],
-                      "dx vs float64")
+    results = {"fast": _run_all(x, dy, w, b, axis), "generic": _generic(monkeypatch, _run_all, x, dy, w, b, axis)}
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    w64 = None if w is None else w.astype(np.float64)
+    b64 = None if b is None else b.astype(np.float64)
+    ref_y = features_last(reference_batch_norm(x64, axis, w64, b64), axis)
+    ref_dx, ref_dw, ref_db = reference_backward(x64, dy64, axis, w64)
+    ref_dx = features_last(ref_dx, axis)
+    for path, got in results.items():
+        tol_y, tol_dx, tol_sum = _bounds(x64, dy64, w64, b64, axis, dtype, path)
+        for key, ref, tol in (("y", ref_y, tol_y), ("dx", ref_dx, tol_dx)):
+            err = np.abs(features_last(got[key], axis) - ref)
+            assert np.all(err <= tol), f"{path} {key}: max err/tol = {np.max(err / tol):.3g}"
+        for key, ref in (("dweight", ref_dw), ("dbias", ref_db)):
+            if w is None:
+                assert got[key] is None
+                continue
+            err = np.abs(got[key] - ref)
+            assert np.all(err <= tol_sum), f"{path} {key}: max err/tol = {np.max(err / tol_sum):.3g}"
+        # y_eval with the batch's own (rounded) statistics is y up to the rounding of the mean
+        err = np.abs(features_last(got["y_eval"], axis) - ref_y)
+        u = np.finfo(dtype).eps / 2
+        mean, var = reference_moments(x64, axis)
+        scale = (1.0 if w64 is None else np.abs(w64)) / np.sqrt(var + 1e-5)
+        assert np.all(err <= tol_y + 4 * u * np.abs(mean) * scale), f"{path} y_eval"
+    for key in ("mean", "var", "invstd"):
+        _assert_close(results["fast"][key], results["generic"][key], RTOL[dtype], key)
 
 
 @pytest.mark.parametrize("shape, axis", [((4096, 5), 1), ((8, 4, 30, 30), 1), ((8, 30, 30, 4), -1)])
@@ -240,6 +297,14 @@ def test_concurrent_calls_from_python_threads(monkeypatch):
     monkeypatch.delenv("ANYBN_FAST_PATHS", raising=False)
     inputs = [_data((6, 16, 33, 40), 1, np.float32, offset=float(i), seed=i) for i in range(4)]
     expected = [_run_all(x, dy, w, b, 1) for x, dy, w, b in inputs]
+    # the sequential results themselves against float64: the threaded ones must equal them
+    for (x, dy, w, b), e in zip(inputs, expected):
+        x64, w64, b64 = x.astype(np.float64), w.astype(np.float64), b.astype(np.float64)
+        tol_y, tol_dx, _ = _bounds(x64, dy.astype(np.float64), w64, b64, 1, np.float32, "fast")
+        assert np.all(np.abs(features_last(e["y"], 1) - features_last(reference_batch_norm(x64, 1, w64, b64), 1))
+                      <= tol_y)
+        ref_dx = reference_backward(x64, dy.astype(np.float64), 1, w64)[0]
+        assert np.all(np.abs(features_last(e["dx"], 1) - features_last(ref_dx, 1)) <= tol_dx)
     got: list = [None] * 4
     errors: list = []
 
