@@ -325,6 +325,12 @@ def run(args: argparse.Namespace) -> int:
     if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         # glibc reads these at start-up only: advise rather than re-exec behind the user's back
         print(_MALLOC_HINT, file=sys.stderr)
+    # PyTorch's OpenMP workers spin after each call and slow whatever runs next in a round
+    # (8-48 ms stalls of every torch call were seen, uniform across rounds, so no spread
+    # test catches them): make them sleep. libgomp reads this when torch loads; an
+    # explicit setting is kept.
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     report = measure(args.shapes, args.ops, args.backend, dtype=args.dtype, rounds=args.rounds,
                      threads=args.threads, show_progress=not args.no_progress)
     if args.json:
