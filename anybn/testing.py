@@ -1,6 +1,6 @@
 """Testing tools for batch norm on any array library: a float64 reference, the backends, ``assert_close``.
 
-Three parts, used by ``python -m anybn check``, the benchmarks (:mod:`anybn.bench`), the
+Three parts, used by ``python -m anybn check``, the benchmarks (``anybn.bench``), the
 demo and the test-suite, and meant for anyone embedding anybn in a library of their own:
 
 - **the float64 reference**, written plainly from the formulas in NumPy float64:
@@ -80,7 +80,7 @@ def reference_moments(x: Any, *, axis: int = 1) -> tuple[np.ndarray, np.ndarray]
 
     Parameters
     ----------
-    x : array_like, shape (N, C, *spatial) for ``axis=1``, or (N, *spatial, C) for ``axis=-1``
+    x : array_like, shape ``(N, C, *spatial)`` for ``axis=1``, or ``(N, *spatial, C)`` for ``axis=-1``
         NumPy data of any real dtype.
     axis : int
         The feature axis; every other axis is reduced.
@@ -104,7 +104,7 @@ def reference_eval(
 
     Parameters
     ----------
-    x : array_like, shape (N, C, *spatial) for ``axis=1``, or (N, *spatial, C) for ``axis=-1``
+    x : array_like, shape ``(N, C, *spatial)`` for ``axis=1``, or ``(N, *spatial, C)`` for ``axis=-1``
     mean, var : array_like, shape (C,)
     weight, bias : array_like, shape (C,), optional
         1 and 0 when None.
@@ -129,7 +129,7 @@ def reference_train(x: Any, weight: Any = None, bias: Any = None, *, axis: int =
 
     Parameters
     ----------
-    x : array_like, shape (N, C, *spatial) for ``axis=1``, or (N, *spatial, C) for ``axis=-1``
+    x : array_like, shape ``(N, C, *spatial)`` for ``axis=1``, or ``(N, *spatial, C)`` for ``axis=-1``
     weight, bias : array_like, shape (C,), optional
         1 and 0 when None.
     axis : int
@@ -156,7 +156,7 @@ def reference_backward(
     ----------
     dy : array_like, the shape of ``x``
         Gradient of the loss with respect to the forward's output.
-    x : array_like, shape (N, C, *spatial) for ``axis=1``, or (N, *spatial, C) for ``axis=-1``
+    x : array_like, shape ``(N, C, *spatial)`` for ``axis=1``, or ``(N, *spatial, C)`` for ``axis=-1``
         The forward's input.
     weight : array_like, shape (C,), optional
         1 when None.
