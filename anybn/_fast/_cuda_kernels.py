@@ -292,7 +292,7 @@ def _element_ops(ctype: Any, act: int, has_res: bool) -> tuple[Any, Any]:
     def forward(x, r, p, s, h):  # pragma: no cover - compiled
         z = preact(x, r, p, s, h)
         if act == 1:
-            return z if z > zero else zero
+            return zero if z <= zero else z  # NaN stays NaN, as in PyTorch's relu
         if act == 2:
             return sigmoid(z)
         return z
