@@ -449,6 +449,21 @@ def test_sums_count_every_value_once_and_are_deterministic():
 
 
 @in_simulator
+@pytest.mark.parametrize("outer", [200, 9], ids=["40-chunks", "3-chunks"])
+def test_merge_adds_every_chunk(outer):
+    # the second stage alone, on random partial sums: 40 chunks (8 threads over chunks, each
+    # one unrolled sweep of 4 and a tail of 1) and 3 (fewer chunks than threads)
+    config = K.launch_config(Fold(outer, 7, 1), threads=32, max_blocks=40, items_per_thread=1)
+    partial = np.random.default_rng(7).normal(1.0, 1.0, (2, config.chunks, 7))
+    out = cuda.device_array((2, 7), np.float64)
+    K._merge_kernel()[config.merge_grid, config.merge_block](_dev(partial), out)
+    expected = partial.sum(axis=1)
+    n = config.chunks
+    tol = 2 * n * U64 * np.abs(partial).sum(axis=1)
+    _assert_close(out.copy_to_host(), expected, tol, dtype=np.float64, what="merged sums")
+
+
+@in_simulator
 def test_default_launch_configuration_runs():
     # no config given: the GPU's own sizes (256 threads); one small case to prove the
     # defaults are wired through (the simulator runs 256 threads per block slowly)
@@ -496,6 +511,9 @@ def test_gpu_launch_configuration_for_resnet50_at_batch_32(c, hw, channels_last)
     assert (chunks - 1) * ty * K.ITEMS_PER_THREAD < count  # no chunk without work
     if count >= K.SM_COUNT * K.BLOCKS_PER_SM * K.THREADS * K.ITEMS_PER_THREAD:
         assert gx * chunks > K.SM_COUNT * K.BLOCKS_PER_SM // 2  # large inputs fill the GPU
+    mx, my = config.merge_block
+    assert mx * my <= 1024 and config.merge_grid == (-(-c // mx), 2)
+    assert -(-chunks // my) <= 17  # a merge thread adds few partial sums (8, up to 17 at C = 64)
 
 
 # ------------------------------------------------------------------ the glue without a GPU

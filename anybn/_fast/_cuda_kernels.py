@@ -66,6 +66,10 @@ ITEMS_PER_THREAD = 8
 _UNROLL = 4
 # CUDA's limit on gridDim.y, where the chunks go.
 _MAX_GRID_Y = 65535
+# Most threads of a merge block (CUDA's limit): lanes over features, the rest over chunks,
+# so that merging ~500 partial sums per feature takes a few dependent loads per thread,
+# not 500 (a load from L2 costs ~0.3 us of latency; one thread per feature took ~150 us).
+_MERGE_THREADS = 1024
 
 
 class LaunchConfig(NamedTuple):
@@ -74,10 +78,14 @@ class LaunchConfig(NamedTuple):
     ``block = (TX, TY)``: TX lanes over neighbouring features (1 for planes), TY threads
     over the values of one feature. ``grid = (ceil(C / TX), chunks)``: chunks split each
     feature's values; a reduction leaves ``chunks`` partial sums per feature.
+    ``merge_block = (MX, MY)``, ``merge_grid = (ceil(C / MX), 2)``: the second stage of a
+    reduction, MX lanes over features and MY threads over chunks, one grid row per sum.
     """
 
     block: tuple[int, int]
     grid: tuple[int, int]
+    merge_block: tuple[int, int]
+    merge_grid: tuple[int, int]
 
     @property
     def threads(self) -> int:
@@ -119,7 +127,11 @@ def launch_config(layout: Any, *, threads: int = THREADS, sm_count: int = SM_COU
     cap = max_blocks if max_blocks is not None else sm_count * blocks_per_sm
     wanted = -(-count // (ty * items_per_thread))
     chunks = max(1, min(wanted, cap // gx, _MAX_GRID_Y))
-    return LaunchConfig(block=(tx, ty), grid=(gx, chunks))
+    # merge: lanes as for rows; over chunks, enough threads that each adds about 8
+    mx = min(32, _next_pow2(max(features, 1)))
+    my = max(1, min(min(_MERGE_THREADS, 4 * threads) // mx, _next_pow2(-(-chunks // 8))))
+    return LaunchConfig(block=(tx, ty), grid=(gx, chunks), merge_block=(mx, my),
+                        merge_grid=(-(-max(features, 1) // mx), 2))
 
 
 def _next_pow2(n: int) -> int:
@@ -237,8 +249,7 @@ def _reduce(op: str, x3: Any, dy3: Any, r3: Any, pivot: Any, scale: Any, shift: 
                             config.threads)
     kernel[config.grid, config.block, stream](
         xf, _flat(dy3, xf), _flat(r3, xf), pivot, scale, shift, features, inner, outer * inner, partial)
-    merge = _merge_kernel()
-    merge[-(-2 * features // 128), 128, stream](partial, out)
+    _merge_kernel()[config.merge_grid, config.merge_block, stream](partial, out)
 
 
 def _map(op: str, x3: Any, dy3: Any, r3: Any, coefs: tuple[Any, ...], o3: Any, o23: Any,
@@ -494,20 +505,41 @@ def _advance(off, i, step, di, inner, wrap):  # pragma: no cover - compiled
 def _merge_kernel() -> Any:
     """Kernel ``(partial, out)``: ``out[k, c] = sum over chunks of partial[k, chunk, c]``.
 
-    One thread per (k, c) adds the chunks in order: deterministic, and coalesced (threads
-    over c read neighbouring partial sums).
+    Block (MX, MY), grid (ceil(C / MX), 2): lane ``tx`` is feature c, grid row k the sum;
+    thread ``ty`` adds chunks ty, ty + MY, ... (four loads in flight), then a tree over MY
+    in shared memory. The order depends only on the shapes: deterministic. Lanes read
+    neighbouring partial sums (coalesced).
     """
 
     @cuda.jit
     def kernel(partial, out):  # pragma: no cover - compiled
-        j = cuda.grid(1)
-        features = out.shape[1]
-        if j < 2 * features:
-            k = j // features
-            c = j - k * features
-            acc = types.float64(0.0)
-            for chunk in range(partial.shape[1]):
-                acc += partial[k, chunk, c]
-            out[k, c] = acc
+        sh = cuda.shared.array(_MERGE_THREADS, types.float64)
+        tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+        nx, ny = cuda.blockDim.x, cuda.blockDim.y
+        c = cuda.blockIdx.x * nx + tx
+        k = cuda.blockIdx.y
+        chunks = partial.shape[1]
+        acc = types.float64(0.0)
+        if c < out.shape[1]:
+            j = ty
+            while j + 3 * ny < chunks:
+                v0, v1 = partial[k, j, c], partial[k, j + ny, c]
+                v2, v3 = partial[k, j + 2 * ny, c], partial[k, j + 3 * ny, c]
+                acc += (v0 + v1) + (v2 + v3)
+                j += 4 * ny
+            while j < chunks:
+                acc += partial[k, j, c]
+                j += ny
+        i = ty * nx + tx
+        sh[i] = acc
+        cuda.syncthreads()
+        half = ny // 2
+        while half > 0:
+            if ty < half:
+                sh[i] += sh[i + half * nx]
+            cuda.syncthreads()
+            half //= 2
+        if ty == 0 and c < out.shape[1]:
+            out[k, c] = sh[tx]
 
     return kernel
