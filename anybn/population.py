@@ -104,7 +104,10 @@ class PopulationStats:
         """Add one batch. ``x`` has the layout given by ``axis`` and ``num_features`` features.
 
         One pass over x through the training forward's reductions (a fast path's kernels
-        where one serves x). Returns ``self``. All batches must share one namespace and device.
+        where one serves x). A Dask array takes a tree reduction of per-chunk mergeable
+        moments instead, lazily: the batches and :meth:`result` form one graph, which a
+        ``dask.distributed`` cluster runs with a few chunks per worker in memory. Returns
+        ``self``. All batches must share one namespace and device.
         """
         fn = "PopulationStats.update"
         if x is None:
@@ -119,6 +122,13 @@ class PopulationStats:
         self._check_same_library(fn, xp, x)
         if layout.per_feature < 1:
             raise ValueError(f"{fn}: x has no values per feature (x.shape = {layout.shape})")
+        if array_api_compat.is_dask_array(x):
+            # one tree reduction of per-chunk (count, mean, M2): bounded memory per worker, lazy
+            from .distributed._dask import dask_moments
+
+            count, mean, m2 = dask_moments(x, layout.axis)
+            self._add(xp, x, Stats(count, mean, xp.zeros_like(mean), m2 / count))
+            return self
         kernels = _fast.kernels_for("train", xp, x)
         stats = stats_from_sums(xp, kernels.moments(xp, x, layout))
         self._add(xp, x, stats)

@@ -1,6 +1,6 @@
 """Synchronized BN on real engines: MPI (1, 2, 3 ranks) and torch.distributed gloo (3 processes).
 
-Each case launches ``tests/distributed/worker.py`` under a timeout (it fails, never hangs)
+Each case launches ``tests/sync_workers/worker.py`` under a timeout (it fails, never hangs)
 and compares every rank's output with float64 NumPy references on the concatenated global
 batch (``tests/reference.py``), never with anybn itself.
 
@@ -24,10 +24,10 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from distributed import worker  # noqa: E402
+from sync_workers import worker  # noqa: E402
 from reference import reference_backward, reference_batch_norm, reference_moments  # noqa: E402
 
-WORKER = Path(__file__).parent / "distributed" / "worker.py"
+WORKER = Path(__file__).parent / "sync_workers" / "worker.py"
 TIMEOUT_S = 120
 RTOL = 1e-12
 

@@ -27,7 +27,7 @@ def test_jax_shard_map_four_devices_matches_single_process(tmp_path: Path) -> No
     env["JAX_PLATFORMS"] = "cpu"
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    script = Path(__file__).parent / "distributed" / "jax_worker.py"
+    script = Path(__file__).parent / "sync_workers" / "jax_worker.py"
     try:
         done = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True,
                               text=True, timeout=120)

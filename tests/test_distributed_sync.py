@@ -1,4 +1,4 @@
-"""Synchronized BN in one process: ranks are threads meeting at a barrier (tests/distributed/fake.py).
+"""Synchronized BN in one process: ranks are threads meeting at a barrier (tests/sync_workers/fake.py).
 
 These tests cover what needs no engine: the number of collectives per step, that a bad
 input on one rank raises on every rank and hangs none (a missing collective would break
@@ -20,7 +20,7 @@ import anybn
 from anybn.distributed import Communicator, NCCLComm, synchronize
 
 sys.path.insert(0, str(Path(__file__).parent))
-from distributed.fake import run_ranks  # noqa: E402
+from sync_workers.fake import run_ranks  # noqa: E402
 from reference import reference_backward, reference_batch_norm  # noqa: E402
 
 
