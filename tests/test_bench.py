@@ -444,3 +444,44 @@ def test_plot_leaves_out_bimodal_rows(tmp_path):
                      ("eval", "nchw:2x3x4x4", "naive"): 2.0}
     plot.plot(report, tmp_path / "b.png")
     assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_shapes_span_64_kib_to_512_mib_in_float32_nchw():
+    sizes = [int(np.prod(shapes.parse_shape(s).dims)) * 4 for s in shapes.SWEEP_SHAPES]
+    assert sizes[0] == 64 << 10 and sizes[-1] == 512 << 20
+    assert sizes == sorted(sizes) and all(b // a in (2, 4) for a, b in zip(sizes, sizes[1:]))
+    assert all(shapes.parse_shape(s).axis == 1 for s in shapes.SWEEP_SHAPES)
+
+
+def test_sweep_flag_measures_the_sweep_shapes_on_anybn_and_torch(monkeypatch, capsys):
+    seen = {}
+
+    def fake_measure(shape_specs, ops, backend_names, **kwargs):
+        seen.update(shapes=list(shape_specs), backends=list(backend_names))
+        return {"results": [], "copies": [], "skipped": []}
+
+    monkeypatch.setattr(bench_cli, "measure", fake_measure)
+    monkeypatch.setattr(bench_cli, "table", lambda report: "table")
+    assert cli.main(["bench", "--sweep", "--no-progress"]) == 0
+    assert seen == {"shapes": list(shapes.SWEEP_SHAPES), "backends": ["numpy-fast", "torch"]}
+
+
+def test_sweep_plot_draws_times_and_bandwidth(tmp_path):
+    pytest.importorskip("matplotlib")
+    from anybn.bench import plot
+
+    results, copies = [], []
+    for spec in shapes.SWEEP_SHAPES[:3]:
+        dims = shapes.parse_shape(spec).dims
+        nbytes = int(np.prod(dims)) * 4
+        copies.append({"nbytes": nbytes, "median_ms": nbytes / 1e7, "gbps": 20.0})
+        for backend in ("numpy-fast", "torch"):
+            for op, k in shapes.TRAFFIC.items():
+                results.append({"op": op, "backend": backend, "dims": list(dims), "traffic_bytes": k * nbytes,
+                                "median_ms": k * nbytes / 1e7, "gbps": 10.0})
+    out = tmp_path / "sweep.png"
+    plot.plot_sweep({"results": results, "copies": copies, "dtype": "float32"}, out)
+    assert out.stat().st_size > 10_000
+    (tmp_path / "r.json").write_text(json.dumps({"results": results, "copies": copies}))
+    assert plot.main(["--sweep", str(tmp_path / "r.json"), str(tmp_path / "again.png")]) == 0
+    assert (tmp_path / "again.png").stat().st_size > 10_000

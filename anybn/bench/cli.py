@@ -102,6 +102,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true",
                         help="write the results as JSON to stdout (the table is not printed)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    parser.add_argument("--sweep", action="store_true",
+                        help="the size sweep: float32 NCHW x from 64 KiB to 512 MiB (replaces --shapes; "
+                             "backends numpy-fast and torch unless --backend is given); plot it with "
+                             "python -m anybn.bench.plot --sweep results.json sweep.png")
 
 
 def _environment(threads: int) -> dict[str, Any]:
@@ -331,8 +335,14 @@ def run(args: argparse.Namespace) -> int:
     # explicit setting is kept.
     if "torch" not in sys.modules:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    report = measure(args.shapes, args.ops, args.backend, dtype=args.dtype, rounds=args.rounds,
+    shape_specs, backend_names = args.shapes, args.backend
+    if args.sweep:
+        shape_specs = list(shapes.SWEEP_SHAPES)
+        if backend_names == list(backends.BACKENDS):  # not narrowed by the user
+            backend_names = ["numpy-fast", "torch"]
+    report = measure(shape_specs, args.ops, backend_names, dtype=args.dtype, rounds=args.rounds,
                      threads=args.threads, show_progress=not args.no_progress)
+    report["sweep"] = bool(args.sweep)
     if args.json:
         print(json.dumps(report, indent=1))
     else:

@@ -13,6 +13,7 @@ left out, as ``anybn bench`` prints no ratio for it, and the chart says how many
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Sequence
 from os import PathLike
@@ -85,12 +86,69 @@ def plot(report: dict[str, Any] | str | PathLike[str], out: str | PathLike[str],
     fig.savefig(out, dpi=120)
 
 
+def plot_sweep(report: dict[str, Any] | str | PathLike[str], out: str | PathLike[str], *,
+               cache_bytes: Sequence[tuple[str, int]] = (("L2", 2 << 20), ("L3", 32 << 20))) -> None:
+    """Write the size sweep of ``report`` (``anybn bench --sweep --json``) to the PNG ``out``.
+
+    One column per op: ms per call (top) and GB/s of the op's minimal traffic (bottom)
+    against the bytes of x, for every backend and for a copy of x timed in the same rounds.
+    Dashed lines mark ``cache_bytes`` (name, bytes): where x stops fitting a cache level.
+    """
+    from matplotlib.figure import Figure
+
+    if not isinstance(report, dict):
+        with open(report) as f:
+            report = json.load(f)
+    assert isinstance(report, dict)
+    results = report["results"]
+    ops = list(dict.fromkeys(r["op"] for r in results))
+    backends = list(dict.fromkeys(r["backend"] for r in results))
+    copies = sorted(report["copies"], key=lambda c: c["nbytes"])
+    fig = Figure(figsize=(4.2 * len(ops), 7.5), layout="constrained")
+    axes = fig.subplots(2, len(ops), squeeze=False, sharex=True)
+    for j, op in enumerate(ops):
+        ms_ax, bw_ax = axes[0][j], axes[1][j]
+        for backend in backends:
+            rows = sorted((r for r in results if r["op"] == op and r["backend"] == backend),
+                          key=lambda r: math.prod(r["dims"]))
+            nbytes = [r["traffic_bytes"] / _traffic_factor(r) for r in rows]
+            ms_ax.plot(nbytes, [r["median_ms"] for r in rows], "o-", label=backend)
+            bw_ax.plot(nbytes, [r["gbps"] for r in rows], "o-", label=backend)
+        ms_ax.plot([c["nbytes"] for c in copies], [c["median_ms"] for c in copies], "k.--", label="copy of x")
+        bw_ax.plot([c["nbytes"] for c in copies], [c["gbps"] for c in copies], "k.--", label="copy of x")
+        for ax in (ms_ax, bw_ax):
+            ax.set_xscale("log", base=2)
+            for name, size in cache_bytes:
+                ax.axvline(size, color="grey", linestyle=":", linewidth=1)
+                ax.text(size, 1.0, f" {name}", transform=ax.get_xaxis_transform(), va="top", fontsize=8)
+        ms_ax.set_yscale("log")
+        ms_ax.set_title(op)
+        ms_ax.set_ylabel("ms per call")
+        bw_ax.set_ylabel("GB/s (minimal traffic)")
+        bw_ax.set_xlabel("bytes of x")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), frameon=False)
+    env = report.get("environment", {})
+    fig.suptitle(f"anybn {report.get('anybn', '')} size sweep, {report.get('dtype', '')} NCHW, "
+                 f"{env.get('threads', '?')} threads, medians of {report.get('rounds', '?')} rounds", fontsize=10)
+    fig.savefig(out, dpi=110)
+
+
+def _traffic_factor(row: dict[str, Any]) -> int:
+    from .shapes import TRAFFIC
+
+    return TRAFFIC[row["op"]]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    sweep = "--sweep" in args
+    if sweep:
+        args.remove("--sweep")
     if len(args) != 2:
-        print("usage: python -m anybn.bench.plot results.json out.png", file=sys.stderr)
+        print("usage: python -m anybn.bench.plot [--sweep] results.json out.png", file=sys.stderr)
         return 2
-    plot(args[0], args[1])
+    (plot_sweep if sweep else plot)(args[0], args[1])
     return 0
 
 

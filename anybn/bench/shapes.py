@@ -22,6 +22,7 @@ import numpy as np
 __all__ = [
     "COPY_TRAFFIC",
     "DEFAULT_SHAPES",
+    "SWEEP_SHAPES",
     "DTYPES",
     "EPS",
     "OPS",
@@ -37,6 +38,19 @@ __all__ = [
 OPS = ("train", "backward", "eval")
 OP_LABELS = {"train": "train forward", "backward": "backward", "eval": "eval forward"}
 DEFAULT_SHAPES = ("4096x1024", "nchw:32x64x56x56", "nhwc:32x56x56x64", "256x64")
+
+# The size sweep (``anybn bench --sweep``): float32 NCHW with C = 64, x from 64 KiB to 512 MiB
+# in steps of 4x (and the last 2x), through L2 (~1-2 MiB per core), L3 (32 MiB here) and DRAM.
+SWEEP_SHAPES = (
+    "nchw:1x64x16x16",      # 64 KiB
+    "nchw:1x64x32x32",      # 256 KiB
+    "nchw:4x64x32x32",      # 1 MiB
+    "nchw:16x64x32x32",     # 4 MiB
+    "nchw:64x64x32x32",     # 16 MiB
+    "nchw:256x64x32x32",    # 64 MiB
+    "nchw:1024x64x32x32",   # 256 MiB
+    "nchw:2048x64x32x32",   # 512 MiB
+)
 DTYPES = ("float32", "float64", "float16")
 EPS = 1e-5
 
