@@ -13,17 +13,31 @@ per-feature coefficients and writes a fresh array. Neither writes to its inputs.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 import array_api_compat
 
 from ._layout import Layout, fold, unfold
-from ._moments import GradSums, Sums, grad_sums, shifted_sums
+from ._moments import FeatureReducer, GradSums, Sums, grad_sums, shifted_sums
 from ._namespace import Array, Namespace, compute_dtype, device_of
 
-__all__ = ["GENERIC", "GenericKernels", "Kernels", "Step"]
+__all__ = ["ACTIVATIONS", "GENERIC", "Activation", "GenericKernels", "Kernels", "Step"]
 
 Step = Literal["train", "eval", "backward"]
+
+#: The activations an apply can fuse: z = act(BN(x) [+ residual]).
+ACTIVATIONS = (None, "relu", "sigmoid")
+
+
+class Activation(NamedTuple):
+    """What backward needs to recompute z = (x - pivot) * scale + shift [+ residual] and
+    apply act'(z) to dy: the forward apply's coefficients, and the residual it added."""
+
+    kind: str | None  # None, "relu" or "sigmoid"
+    pivot: Array | None
+    scale: Array
+    shift: Array | None
+    residual: Array | None
 
 
 class Kernels(Protocol):
@@ -57,17 +71,22 @@ class Kernels(Protocol):
         shift: Array | None,
         *,
         scratch: Any = None,
+        activation: str | None = None,
+        residual: Array | None = None,
     ) -> Array:
-        """y = (x - pivot) * scale + shift per feature (None: 0), shape and dtype of x.
+        """y = act((x - pivot) * scale + shift [+ residual]) per feature (None: 0), shape
+        and dtype of x.
 
         ``scratch`` is what this path's ``moments`` returned with the sums, if anything.
         """
         ...
 
     def grad_sums(
-        self, xp: Namespace, x: Array, dy: Array, layout: Layout, pivot: Array | None
+        self, xp: Namespace, x: Array, dy: Array, layout: Layout, pivot: Array | None, *,
+        act: Activation | None = None,
     ) -> GradSums:
-        """``sum(dy)`` and ``sum(dy * (x - pivot))`` per feature; ``pivot=None``: the first only."""
+        """``sum(dy')`` and ``sum(dy' * (x - pivot))`` per feature (``pivot=None``: the first
+        only), with dy' = dy * act'(z) recomputed from ``act``, or dy itself."""
         ...
 
     def grad_apply(
@@ -82,8 +101,13 @@ class Kernels(Protocol):
         k: Array,
         *,
         scratch: Any = None,
-    ) -> Array:
-        """dx = k * (dy + a * (x - pivot) + b) per feature; ``a = b = None``: dx = k * dy."""
+        act: Activation | None = None,
+    ) -> Any:
+        """dx = k * (dy' + a * (x - pivot) + b) per feature; ``a = b = None``: dx = k * dy'.
+
+        dy' = dy * act'(z) as in ``grad_sums``. Returns dx, or ``(dx, dy')`` when
+        ``act.residual`` is given (dy' is the residual's gradient).
+        """
         ...
 
 
@@ -112,7 +136,8 @@ class GenericKernels:
         return shifted_sums(xp, x, layout, compute_dtype(xp, x.dtype), device_of(x),
                             bool(array_api_compat.is_lazy_array(x)))
 
-    def apply(self, xp, x, layout, pivot, scale, shift, *, scratch=None):  # type: ignore[no-untyped-def]
+    def apply(self, xp, x, layout, pivot, scale, shift, *, scratch=None, activation=None,  # type: ignore[no-untyped-def]
+              residual=None):
         b = layout.broadcastable
         if scratch is not None and _may_write(scratch):
             buf = scratch  # x - pivot, ours
@@ -127,12 +152,25 @@ class GenericKernels:
                 buf += b(xp, shift)
             else:
                 buf = buf + b(xp, shift)
+        if residual is not None or activation is not None:
+            buf = _activate(xp, buf, layout, activation, residual)
         return unfold(xp, buf, layout, x.dtype)
 
-    def grad_sums(self, xp, x, dy, layout, pivot):  # type: ignore[no-untyped-def]
-        return grad_sums(xp, x, dy, layout, pivot, compute_dtype(xp, x.dtype), device_of(x))
+    def grad_sums(self, xp, x, dy, layout, pivot, *, act=None):  # type: ignore[no-untyped-def]
+        cdt, device = compute_dtype(xp, x.dtype), device_of(x)
+        if act is None:
+            return grad_sums(xp, x, dy, layout, pivot, cdt, device)
+        dyp = _activation_grad(xp, x, dy, layout, act, cdt)
+        reducer = FeatureReducer(xp, layout, cdt, device)
+        sum_dy = reducer.sum(dyp)
+        if pivot is None:
+            return GradSums(sum_dy, None, (None, dyp))
+        centered = fold(xp, x, layout, cdt) - layout.broadcastable(xp, pivot)
+        return GradSums(sum_dy, reducer.dot(dyp, centered), (centered, dyp))
 
-    def grad_apply(self, xp, x, dy, layout, pivot, a, b, k, *, scratch=None):  # type: ignore[no-untyped-def]
+    def grad_apply(self, xp, x, dy, layout, pivot, a, b, k, *, scratch=None, act=None):  # type: ignore[no-untyped-def]
+        if act is not None:
+            return self._grad_apply_act(xp, x, dy, layout, pivot, a, b, k, scratch, act)
         v = layout.broadcastable
         cdt = compute_dtype(xp, x.dtype)
         dyf = fold(xp, dy, layout, cdt)
@@ -151,6 +189,56 @@ class GenericKernels:
         else:
             dx = (dyf + centered * v(xp, a) + v(xp, b)) * v(xp, k)
         return unfold(xp, dx, layout, x.dtype)
+
+    def _grad_apply_act(self, xp, x, dy, layout, pivot, a, b, k, scratch, act):  # type: ignore[no-untyped-def]
+        v = layout.broadcastable
+        cdt = compute_dtype(xp, x.dtype)
+        centered, dyp = scratch if scratch is not None else (None, None)
+        if dyp is None:
+            dyp = _activation_grad(xp, x, dy, layout, act, cdt)
+        if a is None:
+            dx = dyp * v(xp, k)
+        else:
+            if centered is None:
+                centered = fold(xp, x, layout, cdt) - v(xp, pivot)
+            dx = (dyp + centered * v(xp, a) + v(xp, b)) * v(xp, k)
+        dx = unfold(xp, dx, layout, x.dtype)
+        if act.residual is None:
+            return dx
+        return dx, unfold(xp, dyp, layout, act.residual.dtype)
+
+
+def _activate(xp: Namespace, z: Array, layout: Layout, activation: str | None, residual: Array | None) -> Array:
+    """act(z [+ residual]) for the folded pre-activation z (a buffer of our own)."""
+    if residual is not None:
+        r = fold(xp, residual, layout, z.dtype)
+        if _may_write(z):
+            z += r
+        else:
+            z = z + r
+    if activation == "relu":
+        return xp.where(z > 0, z, z * 0)  # z * 0 keeps NaN, as torch's relu does
+    if activation == "sigmoid":
+        return 1.0 / (1.0 + xp.exp(-z))
+    return z
+
+
+def _activation_grad(xp: Namespace, x: Array, dy: Array, layout: Layout, act: Activation, cdt: Any) -> Array:
+    """dy * act'(z), folded, with z recomputed from x and the forward apply's coefficients."""
+    v = layout.broadcastable
+    xf = fold(xp, x, layout, cdt)
+    z = (xf if act.pivot is None else xf - v(xp, act.pivot)) * v(xp, act.scale)
+    if act.shift is not None:
+        z = z + v(xp, act.shift)
+    if act.residual is not None:
+        z = z + fold(xp, act.residual, layout, cdt)
+    dyf = fold(xp, dy, layout, cdt)
+    if act.kind == "relu":
+        return xp.where(z > 0, dyf, dyf * 0)
+    if act.kind == "sigmoid":
+        s = 1.0 / (1.0 + xp.exp(-z))
+        return dyf * (s * (1.0 - s))
+    return dyf
 
 
 GENERIC = GenericKernels()

@@ -158,6 +158,124 @@ def grad_input_planes(x, dy, pivot, a, b, k, lo, hi, dx):  # pragma: no cover - 
             dx[n, c, i] = kc * (dy[n, c, i] + ac * (x[n, c, i] - pc) + bc)
 
 
+# ------------------------------------------------ fused activation and residual (BN + act)
+# act: 0 none, 1 relu, 2 sigmoid. res is the residual folded like x, or an empty (0, ...)
+# array for none. z = (x - pivot) * scale + shift (+ res) is never stored: backward
+# recomputes it from x, the forward's coefficients and res, and applies act'(z) to dy.
+
+ACT_CODES = {None: 0, "relu": 1, "sigmoid": 2}
+
+
+@nb.njit(inline="always", fastmath=_FLAGS, error_model="numpy")
+def _act(z, act):  # pragma: no cover - compiled
+    if act == 1:
+        return z if z > 0 else z * 0  # z * 0 keeps NaN, as max(z, 0) does in NumPy
+    if act == 2:
+        return 1 / (1 + np.exp(-z))
+    return z
+
+
+@nb.njit(inline="always", fastmath=_FLAGS, error_model="numpy")
+def _act_grad(g, z, act):  # pragma: no cover - compiled
+    """g * act'(z): relu passes g where z > 0 (PyTorch's convention at 0), sigmoid s(1 - s)."""
+    if act == 1:
+        return g if z > 0 else g * 0
+    if act == 2:
+        s = 1 / (1 + np.exp(-z))
+        return g * (s * (1 - s))
+    return g
+
+
+@_kernel
+def affine_act_rows(x, pivot, scale, shift, res, act, lo, hi, y):  # pragma: no cover - compiled
+    """y = act((x - pivot) * scale + shift + res), per feature, over rows lo..hi."""
+    features, has_res = x.shape[1], res.shape[0] > 0
+    for r in range(lo, hi):
+        for c in range(features):
+            z = (x[r, c] - pivot[c]) * scale[c] + shift[c]
+            if has_res:
+                z += res[r, c]
+            y[r, c] = _act(z, act)
+
+
+@_kernel
+def affine_act_planes(x, pivot, scale, shift, res, act, lo, hi, y):  # pragma: no cover - compiled
+    """As ``affine_act_rows`` for (N, C, L), over planes lo..hi."""
+    features, inner, has_res = x.shape[1], x.shape[2], res.shape[0] > 0
+    for p in range(lo, hi):
+        n, c = divmod(p, features)
+        pc, sc, tc = pivot[c], scale[c], shift[c]
+        for i in range(inner):
+            z = (x[n, c, i] - pc) * sc + tc
+            if has_res:
+                z += res[n, c, i]
+            y[n, c, i] = _act(z, act)
+
+
+@_kernel
+def grad_sums_act_rows(x, dy, pivot, zp, zs, zt, res, act, lo, hi, sum_dy, sum_dy_d):  # pragma: no cover
+    """As ``grad_sums_rows`` with dy' = dy * act'(z), z = (x - zp) * zs + zt (+ res)."""
+    features, has_res = x.shape[1], res.shape[0] > 0
+    for r in range(lo, hi):
+        for c in range(features):
+            z = (x[r, c] - zp[c]) * zs[c] + zt[c]
+            if has_res:
+                z += res[r, c]
+            g = np.float64(_act_grad(dy[r, c], z, act))
+            sum_dy[c] += g
+            sum_dy_d[c] += g * (np.float64(x[r, c]) - pivot[c])
+
+
+@_kernel
+def grad_sums_act_planes(x, dy, pivot, zp, zs, zt, res, act, lo, hi, sum_dy, sum_dy_d):  # pragma: no cover
+    """As ``grad_sums_act_rows`` for (N, C, L), over planes lo..hi."""
+    features, inner, has_res = x.shape[1], x.shape[2], res.shape[0] > 0
+    for p in range(lo, hi):
+        n, c = divmod(p, features)
+        a1 = 0.0
+        a2 = 0.0
+        for i in range(inner):
+            z = (x[n, c, i] - zp[c]) * zs[c] + zt[c]
+            if has_res:
+                z += res[n, c, i]
+            g = np.float64(_act_grad(dy[n, c, i], z, act))
+            a1 += g
+            a2 += g * (np.float64(x[n, c, i]) - pivot[c])
+        sum_dy[c] += a1
+        sum_dy_d[c] += a2
+
+
+@_kernel
+def grad_input_act_rows(x, dy, pivot, a, b, k, zp, zs, zt, res, act, lo, hi, dx, dres):  # pragma: no cover
+    """dx = k * (dy' + a * (x - pivot) + b), and dres = dy' where dres is not empty."""
+    features, has_res, want_dres = x.shape[1], res.shape[0] > 0, dres.shape[0] > 0
+    for r in range(lo, hi):
+        for c in range(features):
+            z = (x[r, c] - zp[c]) * zs[c] + zt[c]
+            if has_res:
+                z += res[r, c]
+            g = _act_grad(dy[r, c], z, act)
+            dx[r, c] = k[c] * (g + a[c] * (x[r, c] - pivot[c]) + b[c])
+            if want_dres:
+                dres[r, c] = g
+
+
+@_kernel
+def grad_input_act_planes(x, dy, pivot, a, b, k, zp, zs, zt, res, act, lo, hi, dx, dres):  # pragma: no cover
+    """As ``grad_input_act_rows`` for (N, C, L), over planes lo..hi."""
+    features, inner, has_res, want_dres = x.shape[1], x.shape[2], res.shape[0] > 0, dres.shape[0] > 0
+    for p in range(lo, hi):
+        n, c = divmod(p, features)
+        for i in range(inner):
+            z = (x[n, c, i] - zp[c]) * zs[c] + zt[c]
+            if has_res:
+                z += res[n, c, i]
+            g = _act_grad(dy[n, c, i], z, act)
+            dx[n, c, i] = k[c] * (g + a[c] * (x[n, c, i] - pivot[c]) + b[c])
+            if want_dres:
+                dres[n, c, i] = g
+
+
 # ------------------------------------- whole steps for small inputs, on the calling thread only
 # Below ~512 KiB a step is dominated by call overhead: the stages' ~25 small NumPy calls cost
 # more than the passes over x (256 x 64 float32: 42 us staged, 18 us whole). These chain the
@@ -297,3 +415,77 @@ def eval_planes_whole(x, mean, var, eps, weight, bias, y, coef):  # pragma: no c
     """As eval_rows_whole for (N, C, L)."""
     eval_coefficients(mean, var, eps, weight, bias, coef)
     affine_planes(x, coef[0], coef[1], coef[2], 0, x.shape[0] * x.shape[1], y)
+
+
+# ------------------------------------------------------- passes split across threads (prange)
+# One call runs a whole pass on numba's thread pool: ``parts`` contiguous ranges of units,
+# taken by the workers of numba's threading layer (OpenMP where available, whose workers
+# spin briefly between passes instead of sleeping). Handing each range to a Python thread
+# pool cost ~80 us per pass on 2-core VMs, more than a pass over 16 MiB takes.
+
+_parallel = nb.njit(nogil=True, cache=True, fastmath=_FLAGS, error_model="numpy", boundscheck=False,
+                    parallel=True)
+
+
+@_parallel
+def moments_rows_par(x, pivot, parts, partial):  # pragma: no cover - compiled
+    """partial[p, 0], partial[p, 1] = the sums of ``moments_rows`` over range p of ``parts``."""
+    units = x.shape[0]
+    for p in nb.prange(parts):
+        moments_rows(x, pivot, units * p // parts, units * (p + 1) // parts, partial[p, 0], partial[p, 1])
+
+
+@_parallel
+def moments_planes_par(x, pivot, parts, partial):  # pragma: no cover - compiled
+    """As ``moments_rows_par`` with ``moments_planes``."""
+    units = x.shape[0] * x.shape[1]
+    for p in nb.prange(parts):
+        moments_planes(x, pivot, units * p // parts, units * (p + 1) // parts, partial[p, 0], partial[p, 1])
+
+
+@_parallel
+def grad_sums_rows_par(x, dy, pivot, parts, partial):  # pragma: no cover - compiled
+    """partial[p, 0], partial[p, 1] = the sums of ``grad_sums_rows`` over range p of ``parts``."""
+    units = x.shape[0]
+    for p in nb.prange(parts):
+        grad_sums_rows(x, dy, pivot, units * p // parts, units * (p + 1) // parts, partial[p, 0], partial[p, 1])
+
+
+@_parallel
+def grad_sums_planes_par(x, dy, pivot, parts, partial):  # pragma: no cover - compiled
+    """As ``grad_sums_rows_par`` with ``grad_sums_planes``."""
+    units = x.shape[0] * x.shape[1]
+    for p in nb.prange(parts):
+        grad_sums_planes(x, dy, pivot, units * p // parts, units * (p + 1) // parts, partial[p, 0], partial[p, 1])
+
+
+@_parallel
+def affine_rows_par(x, pivot, scale, shift, parts, y):  # pragma: no cover - compiled
+    """``affine_rows`` over all rows, in ``parts`` ranges across threads."""
+    units = x.shape[0]
+    for p in nb.prange(parts):
+        affine_rows(x, pivot, scale, shift, units * p // parts, units * (p + 1) // parts, y)
+
+
+@_parallel
+def affine_planes_par(x, pivot, scale, shift, parts, y):  # pragma: no cover - compiled
+    """``affine_planes`` over all planes, in ``parts`` ranges across threads."""
+    units = x.shape[0] * x.shape[1]
+    for p in nb.prange(parts):
+        affine_planes(x, pivot, scale, shift, units * p // parts, units * (p + 1) // parts, y)
+
+
+@_parallel
+def grad_input_rows_par(x, dy, pivot, a, b, k, parts, dx):  # pragma: no cover - compiled
+    """``grad_input_rows`` over all rows, in ``parts`` ranges across threads."""
+    units = x.shape[0]
+    for p in nb.prange(parts):
+        grad_input_rows(x, dy, pivot, a, b, k, units * p // parts, units * (p + 1) // parts, dx)
+
+
+@_parallel
+def grad_input_planes_par(x, dy, pivot, a, b, k, parts, dx):  # pragma: no cover - compiled
+    """``grad_input_planes`` over all planes, in ``parts`` ranges across threads."""
+    units = x.shape[0] * x.shape[1]
+    for p in nb.prange(parts):
+        grad_input_planes(x, dy, pivot, a, b, k, units * p // parts, units * (p + 1) // parts, dx)

@@ -176,24 +176,38 @@ class CpuPath:
         return Sums(view.count, first, s1, s2)
 
     def apply(self, xp: Any, x: np.ndarray, layout: Layout, pivot: Any, scale: Any, shift: Any, *,
-              scratch: Any = None) -> np.ndarray:
+              scratch: Any = None, activation: str | None = None, residual: Any = None) -> np.ndarray:
         view = _View(layout)
         c, dtype = view.features, x.dtype
-        return self._affine(view, view.fold(x), _vector(pivot, dtype, c), _vector(scale, dtype, c),
-                            _vector(shift, dtype, c)).reshape(x.shape)
+        coef = (_vector(pivot, dtype, c), _vector(scale, dtype, c), _vector(shift, dtype, c))
+        xv = view.fold(x)
+        if activation is None and residual is None:
+            return self._affine(view, xv, *coef).reshape(x.shape)
+        y = np.empty_like(xv)
+        kernel = self._k.affine_act_rows if view.rows else self._k.affine_act_planes
+        args = (xv, *coef, _folded_or_empty(view, residual, dtype), self._k.ACT_CODES[activation])
+        self._map(lambda lo, hi: kernel(*args, lo, hi, y), view, x.nbytes)
+        return y.reshape(x.shape)
 
-    def grad_sums(self, xp: Any, x: np.ndarray, dy: np.ndarray, layout: Layout, pivot: Any) -> GradSums:
+    def grad_sums(self, xp: Any, x: np.ndarray, dy: np.ndarray, layout: Layout, pivot: Any, *,
+                  act: Any = None) -> GradSums:
         view = _View(layout)
-        kernel = self._k.grad_sums_rows if view.rows else self._k.grad_sums_planes
-        sum_dy, sum_dy_d = self._reduce(kernel, view, (view.fold(x), view.fold(dy),
-                                                       _vector(pivot, np.float64, view.features)))
+        args: tuple[Any, ...] = (view.fold(x), view.fold(dy), _vector(pivot, np.float64, view.features))
+        if act is None:
+            kernel = self._k.grad_sums_rows if view.rows else self._k.grad_sums_planes
+        else:
+            kernel = self._k.grad_sums_act_rows if view.rows else self._k.grad_sums_act_planes
+            args += _act_args(self._k, view, act, x.dtype)
+        sum_dy, sum_dy_d = self._reduce(kernel, view, args)
         return GradSums(sum_dy, None if pivot is None else sum_dy_d)
 
     def grad_apply(self, xp: Any, x: np.ndarray, dy: np.ndarray, layout: Layout, pivot: Any, a: Any, b: Any,
-                   k: Any, *, scratch: Any = None) -> np.ndarray:
+                   k: Any, *, scratch: Any = None, act: Any = None) -> Any:
         view = _View(layout)
         c, dtype = view.features, x.dtype
         dyv = view.fold(dy)
+        if act is not None:
+            return self._grad_apply_act(view, x, dyv, pivot, a, b, k, act)
         if a is None:  # dx = k * dy
             zeros = np.zeros(c, dtype=dtype)
             return self._affine(view, dyv, zeros, _vector(k, dtype, c), zeros).reshape(x.shape)
@@ -203,6 +217,20 @@ class CpuPath:
         args = (xv, dyv) + tuple(_vector(v, dtype, c) for v in (pivot, a, b, k))
         self._map(lambda lo, hi: kernel(*args, lo, hi, dx), view, x.nbytes)
         return dx.reshape(x.shape)
+
+    def _grad_apply_act(self, view: _View, x: np.ndarray, dyv: np.ndarray, pivot: Any, a: Any, b: Any, k: Any,
+                        act: Any) -> Any:
+        c, dtype = view.features, x.dtype
+        xv = view.fold(x)
+        dx = np.empty_like(xv)
+        dres = np.empty_like(xv) if act.residual is not None else np.empty((0,) * xv.ndim, dtype=dtype)
+        kernel = self._k.grad_input_act_rows if view.rows else self._k.grad_input_act_planes
+        args = (xv, dyv, _vector(pivot, dtype, c), _vector(a, dtype, c), _vector(b, dtype, c),
+                _vector(k, dtype, c)) + _act_args(self._k, view, act, dtype)
+        self._map(lambda lo, hi: kernel(*args, lo, hi, dx, dres), view, x.nbytes)
+        if act.residual is None:
+            return dx.reshape(x.shape)
+        return dx.reshape(x.shape), dres.reshape(x.shape)
 
     # ------------------------------------------- whole steps for small inputs (plain BN only)
     # None where the input is large enough to be split across threads: the stages serve it.
@@ -287,6 +315,20 @@ class CpuPath:
 
 
 _ABSENT = np.empty(0)
+
+
+def _folded_or_empty(view: _View, a: Any, dtype: Any) -> np.ndarray:
+    """The residual folded like x for the kernels, or an empty array for none."""
+    if a is None:
+        return np.empty((0,) * len(view.folded), dtype=dtype)
+    return view.fold(a)
+
+
+def _act_args(kernels: ModuleType, view: _View, act: Any, dtype: Any) -> tuple[Any, ...]:
+    """zp, zs, zt, res, act code: what the kernels need to recompute z and act'(z)."""
+    c = view.features
+    return (_vector(act.pivot, dtype, c), _vector(act.scale, dtype, c), _vector(act.shift, dtype, c),
+            _folded_or_empty(view, act.residual, dtype), kernels.ACT_CODES[act.kind])
 
 
 def _given(a: Any) -> np.ndarray:
