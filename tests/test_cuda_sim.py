@@ -47,11 +47,13 @@ a planted error: every one failed tests (see the commit message).
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType, SimpleNamespace
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -532,6 +534,68 @@ def test_cuda_path_imports_nothing_and_declines_numpy():
     _run_python(code)
 
 
+class _FakeCupyArray(np.ndarray):
+    """A NumPy array with CuPy's ``device.id``: what the glue reads of a CuPy array."""
+
+    device = SimpleNamespace(id=0)
+
+
+def _fake_cupy() -> ModuleType:
+    """The few CuPy calls CudaPath makes, on NumPy (the simulator's device memory)."""
+    cp = ModuleType("cupy")
+    cp.float64 = np.float64
+    cp.empty = lambda shape, dtype: np.empty(shape, dtype).view(_FakeCupyArray)
+    cp.empty_like = lambda a: np.empty_like(a)
+    cp.cuda = SimpleNamespace(get_current_stream=lambda: SimpleNamespace(ptr=0),
+                              Device=lambda i: SimpleNamespace(attributes={"MultiProcessorCount": 2}))
+    return cp
+
+
+@in_simulator
+@pytest.mark.parametrize("shape, axis", [((5, 3, 4), 1), ((6, 2, 7), -1)], ids=["NCL", "NLC"])
+def test_cuda_path_glue_under_the_simulator(monkeypatch, shape, axis):
+    # CudaPath's methods with a stand-in for CuPy: folding, pivot, allocation, argument
+    # order and the (dx, dres) rule, checked against the float64 references
+    from anybn._fast import cuda as glue
+
+    monkeypatch.setitem(sys.modules, "cupy", _fake_cupy())
+    monkeypatch.setattr(glue, "_dev", lambda a: a)  # the simulator takes NumPy arrays as they are
+    monkeypatch.setattr(K, "launch_config", functools.partial(K.launch_config, threads=32))
+    path = glue.CudaPath()
+    path._kernels = K
+    geometry = Geometry("glue", shape, axis, {})
+    fold = geometry.fold
+    layout = SimpleNamespace(shape=shape, axis=axis % len(shape), **fold._asdict())
+    case = _case(geometry, np.float64, seed=8)
+    x = case.x.reshape(shape).view(_FakeCupyArray)
+    dy = case.dy.reshape(shape).view(_FakeCupyArray)
+    r = case.residual.reshape(shape).view(_FakeCupyArray)
+    d = case.x - _v(case.sample)
+
+    pivot, s1, s2 = path.moments(x, layout)
+    assert np.array_equal(pivot, case.sample)
+    _assert_close(s2, _sum(d * d), _sum_error(d * d, ops=2), dtype=np.float64, what="s2")
+
+    y = path.apply(x, layout, case.mean, case.scale, case.shift, activation="sigmoid", residual=r)
+    z = ref_z(case.x, case.mean, case.scale, case.shift, case.residual)
+    expected = ref_act(z, "sigmoid")
+    dz = _z_error(case.x, case.mean, case.scale, case.shift, case.residual, np.float64)
+    tol = _act_error(z, dz, "sigmoid", np.float64) + _output_rounding(expected, np.float64)
+    _assert_close(np.asarray(y).reshape(tuple(fold)), expected, tol, dtype=np.float64, what="y")
+
+    sum_dy, _ = path.grad_sums(x, dy, layout, pivot)
+    _assert_close(sum_dy, _sum(case.dy), _sum_error(case.dy), dtype=np.float64, what="sum dy")
+    ones = np.ones(fold.features)
+    dx, dres = path.grad_apply(x, dy, layout, pivot, 0 * ones, 0 * ones, 2 * ones,
+                               activation="relu", scale=case.scale, shift=case.shift, residual=r)
+    z = ref_z(case.x, case.sample, case.scale, case.shift, case.residual)
+    g = ref_dy_prime(case.dy, z, "relu")  # float64: a mask flip needs |z| < 1e-15, not here
+    assert np.array_equal(np.asarray(dres).reshape(tuple(fold)), g)
+    assert np.array_equal(np.asarray(dx).reshape(tuple(fold)), 2 * g)
+    assert path.grad_apply(x, dy, layout, pivot, ones, ones, ones, residual=r)[1] is dy  # dy' = dy
+    assert path.grad_apply(x, dy, layout, pivot, ones, ones, ones)[1] is None
+
+
 # ------------------------------------------------------------------ the real CUDA target
 
 _LOWER = r"""
@@ -548,12 +612,18 @@ def arr(dt, nd=1):
     return types.Array(dt, nd, "C")
 
 f64 = types.float64
+# every kernel for float16 (loads, stores and arithmetic of the storage-only type), the
+# activations for float32 (no float64 arithmetic may creep in), two kernels for float64
+REDUCE = {types.float16: [("moments", 0, False), ("grad", 2, True)], types.float32: [("grad", 1, True)],
+          types.float64: [("moments", 0, False)]}
+MAP = {types.float16: [("apply", 2, True, False), ("grad", 1, True, True)],
+       types.float32: [("apply", 2, True, False), ("grad", 2, True, True)], types.float64: [("grad", 0, False, False)]}
 for dt in (types.float16, types.float32, types.float64):
     ct = K._compute_type(str(dt))
-    for op, act, res in (("moments", 0, False), ("grad", 2, True)):
+    for op, act, res in REDUCE[dt]:
         sig = (arr(dt),) * 3 + (arr(f64),) * 3 + (types.int64,) * 3 + (arr(f64, 3),)
         compile_cuda(K._reduce_kernel(op, ct, act, res, K.THREADS).py_func, types.void, sig, cc=(9, 0))
-    for op, act, res, out2 in (("apply", 2, True, False), ("grad", 1, True, True)):
+    for op, act, res, out2 in MAP[dt]:
         sig = (arr(dt),) * 3 + (arr(f64),) * 6 + (types.int64,) * 3 + (arr(dt),) * 2
         cres = compile_cuda(K._map_kernel(op, ct, act, res, out2).py_func, types.void, sig, cc=(9, 0))
         if dt != types.float64:  # float32 arithmetic stays float32 (a Python float literal would not)
