@@ -17,11 +17,12 @@ from typing import Any
 
 from . import _fast
 from ._checks import check_eps, check_feature_vector, check_floating, check_real
-from ._kernels import GENERIC, Kernels
+from ._kernels import ACTIVATIONS, GENERIC, Activation, Kernels
 from ._layout import Layout, layout_of
 from ._namespace import Array, Namespace, compute_dtype, device_of, namespace_of
 from ._saved import BatchNormSaved
 from ._steps import (
+    Applied,
     Stats,
     backward_coefficients,
     fixed_coefficients,
@@ -71,6 +72,8 @@ def batch_norm_train(
     eps: float = 1e-5,
     virtual_batch_size: int | None = None,
     comm: Any = None,
+    activation: str | None = None,
+    residual: Array | None = None,
 ) -> tuple[Array, BatchNormSaved]:
     """Normalize ``x`` with its own per-feature batch statistics (training mode).
 
@@ -99,6 +102,12 @@ def batch_norm_train(
         has it). Two collectives: a small header, then the (C,)-sized moments. An input
         error on any rank raises on every rank, naming the rank. Backward all-reduces
         through ``saved.comm``. None (the default): the statistics of ``x`` alone.
+    activation : {None, "relu", "sigmoid"}, default None
+        Fused activation: y = act(BN(x) [+ residual]) comes out of the same pass, and
+        backward applies act' on the fly (neither BN(x) nor a mask is stored).
+    residual : array, same shape as ``x``, optional
+        Added after the normalization, before the activation: ResNet's BN-add-ReLU. Then
+        :func:`batch_norm_backward` returns a fourth value, the residual's gradient.
 
     Returns
     -------
@@ -121,6 +130,14 @@ def batch_norm_train(
     pass over x, and writes y in a second.
     """
     fn = "batch_norm_train"
+    fused = activation is not None or residual is not None
+    if fused:
+        _check_activation(fn, activation)
+        if comm is not None or virtual_batch_size is not None:
+            raise ValueError(
+                f"{fn}: activation= and residual= are not available with "
+                f"{'comm' if comm is not None else 'virtual_batch_size'}= yet; apply the activation after"
+            )
     if comm is not None:
         if virtual_batch_size is not None:
             raise ValueError(f"{fn}: comm and virtual_batch_size cannot be combined (got both)")
@@ -133,6 +150,10 @@ def batch_norm_train(
             f"{fn}: expected more than 1 value per feature when training, got x.shape = "
             f"{layout.shape} ({layout.per_feature} value(s) per feature along axis {layout.axis})"
         )
+    if fused:
+        _check_residual(fn, xp, x, residual)
+        kernels = _fast.kernels_for("train", xp, *_large(x, residual))
+        return _train_stages(xp, x, layout, kernels, weight, bias, eps, activation, residual)
     kernels = _fast.kernels_for("train", xp, x)
     whole = getattr(kernels, "train_whole", None)  # small inputs: one compiled call, proven equal
     if whole is not None and (done := whole(xp, x, layout, weight, bias, eps)) is not None:
@@ -142,7 +163,7 @@ def batch_norm_train(
 
 def _train_stages(
     xp: Namespace, x: Array, layout: Layout, kernels: Kernels, weight: Array | None, bias: Array | None,
-    eps: float,
+    eps: float, activation: str | None = None, residual: Array | None = None,
 ) -> tuple[Array, BatchNormSaved]:
     """The training forward as its three stages, on validated arguments."""
     # reductions
@@ -151,10 +172,23 @@ def _train_stages(
     stats = stats_from_sums(xp, sums)
     coef = train_coefficients(xp, stats, weight, bias, eps)
     # apply
-    y = kernels.apply(xp, x, layout, coef.pivot, coef.scale, coef.shift, scratch=sums.scratch)
+    if activation is None and residual is None:
+        y = kernels.apply(xp, x, layout, coef.pivot, coef.scale, coef.shift, scratch=sums.scratch)
+        return y, _batch_saved(xp, x, layout, stats, coef, weight, bias, eps)
+    y = kernels.apply(xp, x, layout, coef.pivot, coef.scale, coef.shift, scratch=sums.scratch,
+                      activation=activation, residual=residual)
+    saved = _batch_saved(xp, x, layout, stats, coef, weight, bias, eps)
+    saved.act = Activation(activation, coef.pivot, coef.scale, coef.shift, residual)
+    return y, saved
 
+
+def _batch_saved(
+    xp: Namespace, x: Array, layout: Layout, stats: Stats, coef: Applied, weight: Array | None,
+    bias: Array | None, eps: float,
+) -> BatchNormSaved:
+    """What backward needs from a training forward with batch statistics."""
     cdt = compute_dtype(xp, x.dtype)
-    saved = BatchNormSaved(
+    return BatchNormSaved(
         x=x,
         mean=_as(xp, stats.pivot + stats.delta, cdt),
         invstd=_as(xp, coef.invstd, cdt),
@@ -168,7 +202,6 @@ def _train_stages(
         delta=_as(xp, stats.delta, cdt),
         layout=layout,
     )
-    return y, saved
 
 
 def _ghost_layout(fn: str, layout: Layout, virtual_batch_size: Any) -> tuple[Layout, int]:
@@ -201,15 +234,36 @@ def _ghost_train(
     fn: str, xp: Namespace, x: Array, layout: Layout, weight: Array | None, bias: Array | None, eps: float,
     virtual_batch_size: Any,
 ) -> tuple[Array, BatchNormSaved]:
-    """Ghost batch normalization: the three stages on each chunk of the batch axis."""
+    """Ghost batch normalization: reductions and coefficients per chunk, one grouped apply.
+
+    Where the features are not innermost (``inner > 1``: NCHW) the apply is one pass over x
+    with per-(sample, feature) coefficients (:func:`_grouped`); channels-last and (N, C)
+    inputs take each chunk's apply and concatenate the chunks.
+    """
     chunk, groups = _ghost_layout(fn, layout, virtual_batch_size)
     v = chunk.shape[0]
     kernels = _fast.kernels_for("train", xp, x)  # a C-contiguous x has C-contiguous chunks
-    ys, saves = [], []
+    coefs, scratch, saves = [], [], []
     for g in range(groups):
-        y, saved = _train_stages(xp, x[g * v : (g + 1) * v, ...], chunk, kernels, weight, bias, eps)
-        ys.append(y)
-        saves.append(saved)
+        xg = x[g * v : (g + 1) * v, ...]
+        # reductions
+        sums = kernels.moments(xp, xg, chunk)
+        # coefficients
+        stats = stats_from_sums(xp, sums)
+        coef = train_coefficients(xp, stats, weight, bias, eps)
+        coefs.append(coef)
+        scratch.append(sums.scratch)
+        saves.append(_batch_saved(xp, xg, chunk, stats, coef, weight, bias, eps))
+    # apply
+    if layout.inner > 1:
+        grouped = _grouped(layout, groups)
+        pivot, scale, shift = (_expand(xp, [getattr(c, f) for c in coefs], layout, groups)
+                               for f in ("pivot", "scale", "shift"))
+        y = kernels.apply(xp, x, grouped, pivot, scale, shift)
+    else:
+        ys = [kernels.apply(xp, x[g * v : (g + 1) * v, ...], chunk, c.pivot, c.scale, c.shift, scratch=sc)
+              for g, (c, sc) in enumerate(zip(coefs, scratch))]
+        y = xp.concat(ys, axis=0) if groups > 1 else ys[0]
     mean, var = saves[0].mean, saves[0].var
     for s in saves[1:]:
         mean, var = mean + s.mean, var + s.var
@@ -227,7 +281,23 @@ def _ghost_train(
         layout=layout,
         groups=tuple(saves),
     )
-    return xp.concat(ys, axis=0) if groups > 1 else ys[0], saved
+    return y, saved
+
+
+def _grouped(layout: Layout, groups: int) -> Layout:
+    """x of ``layout`` (inner > 1) seen as one sample of ``outer * C`` features.
+
+    Each (outer slice, feature) plane gets coefficients of its own, so one apply pass
+    serves every chunk: the chunks' (C,) coefficients, repeated over the chunk's slices.
+    """
+    return layout._replace(outer=1, features=layout.outer * layout.features)
+
+
+def _expand(xp: Namespace, per_group: list[Array], layout: Layout, groups: int) -> Array:
+    """(C,) vectors of the ``groups`` chunks as one (outer * C,) vector for :func:`_grouped`."""
+    table = xp.reshape(xp.stack(per_group), (groups, 1, layout.features))
+    table = xp.broadcast_to(table, (groups, layout.outer // groups, layout.features))
+    return xp.reshape(table, (layout.outer * layout.features,))
 
 
 def batch_norm_fixed(
@@ -239,6 +309,8 @@ def batch_norm_fixed(
     *,
     axis: int = 1,
     eps: float = 1e-5,
+    activation: str | None = None,
+    residual: Array | None = None,
 ) -> tuple[Array, BatchNormSaved]:
     """Normalize ``x`` with given statistics that backward treats as constants.
 
@@ -259,6 +331,10 @@ def batch_norm_fixed(
         The feature axis.
     eps : float, default 1e-5
         Added to ``var``; must be finite and > 0.
+    activation : {None, "relu", "sigmoid"}, default None
+        Fused activation, as in :func:`batch_norm_train`.
+    residual : array, same shape as ``x``, optional
+        Added before the activation, as in :func:`batch_norm_train`.
 
     Returns
     -------
@@ -266,20 +342,26 @@ def batch_norm_fixed(
     saved : BatchNormSaved
         With ``batch_stats=False``; ``mean``, ``var`` and ``invstd`` in the compute dtype.
     """
-    y, saved = _fixed("batch_norm_fixed", x, mean, var, weight, bias, axis=axis, eps=eps)
+    y, saved = _fixed("batch_norm_fixed", x, mean, var, weight, bias, axis=axis, eps=eps,
+                      activation=activation, residual=residual)
     assert saved is not None
     return y, saved
 
 
 def _fixed(
     fn: str, x: Array, mean: Array, var: Array, weight: Array | None, bias: Array | None, *, axis: Any,
-    eps: Any, keep: bool = True,
+    eps: Any, keep: bool = True, activation: str | None = None, residual: Array | None = None,
 ) -> tuple[Array, BatchNormSaved | None]:
     """:func:`batch_norm_fixed` under the name ``fn``; ``keep=False`` skips ``saved`` (inference)."""
+    fused = activation is not None or residual is not None
+    if fused:
+        _check_activation(fn, activation)
     xp, layout, eps = _validated(fn, x, axis, eps, ("mean", "var"), mean=mean, var=var, weight=weight,
                                  bias=bias)
-    kernels = _fast.kernels_for("eval", xp, x)
-    whole = getattr(kernels, "eval_whole", None)  # small inputs: one compiled call, proven equal
+    if fused:
+        _check_residual(fn, xp, x, residual)
+    kernels = _fast.kernels_for("eval", xp, *_large(x, residual))
+    whole = None if fused else getattr(kernels, "eval_whole", None)  # small inputs: one call, proven equal
     y = None if whole is None else whole(xp, x, layout, mean, var, weight, bias, eps)
     if y is not None and not keep:
         return y, None
@@ -287,7 +369,8 @@ def _fixed(
     coef = fixed_coefficients(xp, mean, var, weight, bias, eps, kernels.coefficient_dtype(xp, x),
                               centering_is_free=kernels.centering_is_free, lazy=is_lazy(x))
     if y is None:
-        y = kernels.apply(xp, x, layout, coef.pivot, coef.scale, coef.shift)
+        y = kernels.apply(xp, x, layout, coef.pivot, coef.scale, coef.shift, activation=activation,
+                          residual=residual)
 
     cdt = compute_dtype(xp, x.dtype)
     saved = BatchNormSaved(
@@ -302,6 +385,7 @@ def _fixed(
         count=layout.per_feature,
         batch_stats=False,
         layout=layout,
+        act=Activation(activation, coef.pivot, coef.scale, coef.shift, residual) if fused else None,
     )
     return y, saved
 
@@ -315,6 +399,8 @@ def batch_norm_eval(
     *,
     axis: int = 1,
     eps: float = 1e-5,
+    activation: str | None = None,
+    residual: Array | None = None,
 ) -> Array:
     """Normalize ``x`` with fixed per-feature statistics (inference mode).
 
@@ -334,18 +420,21 @@ def batch_norm_eval(
         The feature axis.
     eps : float, default 1e-5
         Added to ``var``; must be finite and > 0.
+    activation : {None, "relu", "sigmoid"}, default None
+        Fused activation, as in :func:`batch_norm_train`.
+    residual : array, same shape as ``x``, optional
+        Added before the activation, as in :func:`batch_norm_train`.
 
     Returns
     -------
     y : array, same shape, dtype, namespace and device as ``x``.
     """
-    y, _ = _fixed("batch_norm_eval", x, mean, var, weight, bias, axis=axis, eps=eps, keep=False)
+    y, _ = _fixed("batch_norm_eval", x, mean, var, weight, bias, axis=axis, eps=eps, keep=False,
+                  activation=activation, residual=residual)
     return y
 
 
-def batch_norm_backward(
-    dy: Array, saved: BatchNormSaved
-) -> tuple[Array, Array | None, Array | None]:
+def batch_norm_backward(dy: Array, saved: BatchNormSaved) -> tuple[Array, ...]:
     """Gradients of batch normalization, from the output gradient and the saved forward state.
 
     With x-hat = (x - mean) * invstd recomputed from ``saved.x`` and m values per feature:
@@ -355,6 +444,8 @@ def batch_norm_backward(
     - fixed statistics (inference, frozen): dx = weight * invstd * dy;
 
     dweight = sum(dy * x-hat) and dbias = sum(dy), summed over all axes but the feature axis.
+    After a fused activation (``activation=``), ``dy`` is the gradient of the activation's
+    output z, and dy * act'(z) takes its place, recomputed from x on the fly.
 
     Parameters
     ----------
@@ -370,6 +461,8 @@ def batch_norm_backward(
     dweight, dbias : array of shape (C,) or None
         None where the forward pass had no weight or no bias. In the compute dtype
         (float32 for float16/bfloat16 inputs).
+    dresidual : array, same shape and dtype as the residual
+        Only when the forward pass was given ``residual=``: a fourth value.
     """
     fn = "batch_norm_backward"
     if not isinstance(saved, BatchNormSaved):
@@ -382,6 +475,9 @@ def batch_norm_backward(
     x = saved.x
     xp = _checked_grad(fn, dy, x)
     layout = saved.layout if saved.layout is not None else layout_of(fn, xp, x, saved.axis)
+    if saved.act is not None:
+        kernels = _fast.kernels_for("backward", xp, x, dy, *_large(saved.act.residual))
+        return _backward_stages(xp, x, dy, saved, layout, kernels)
     kernels = _fast.kernels_for("backward", xp, x, dy)
     if saved.groups is not None:
         return _ghost_backward(xp, dy, saved, kernels)
@@ -416,32 +512,64 @@ def _backward_stages(
     # where dweight or the batch statistics do
     need_dot = saved.batch_stats or saved.weight is not None
     sums = None
-    if need_dot or saved.has_bias:
-        sums = kernels.grad_sums(xp, x, dy, layout, pivot if need_dot else None)
+    act = saved.act
+    if act is None:
+        if need_dot or saved.has_bias:
+            sums = kernels.grad_sums(xp, x, dy, layout, pivot if need_dot else None)
+    elif need_dot or saved.has_bias:
+        sums = kernels.grad_sums(xp, x, dy, layout, pivot if need_dot else None, act=act)
     # coefficients
     coef = backward_coefficients(xp, saved, sums, dtype)
     # apply
-    dx = kernels.grad_apply(xp, x, dy, layout, pivot, coef.a, coef.b, coef.k,
-                            scratch=None if sums is None else sums.scratch)
-    return dx, coef.dweight, coef.dbias
+    scratch = None if sums is None else sums.scratch
+    if act is None:
+        dx = kernels.grad_apply(xp, x, dy, layout, pivot, coef.a, coef.b, coef.k, scratch=scratch)
+        return dx, coef.dweight, coef.dbias
+    out = kernels.grad_apply(xp, x, dy, layout, pivot, coef.a, coef.b, coef.k, scratch=scratch, act=act)
+    if act.residual is None:
+        return out, coef.dweight, coef.dbias
+    dx, dres = out
+    return dx, coef.dweight, coef.dbias, dres
 
 
 def _ghost_backward(
     xp: Namespace, dy: Array, saved: BatchNormSaved, kernels: Kernels
 ) -> tuple[Array, Array | None, Array | None]:
-    """Each chunk's backward stages; the parameter gradients summed over the chunks."""
-    assert saved.groups is not None
-    dxs, dweight, dbias = [], None, None
+    """Reductions and coefficients per chunk, one grouped apply (as :func:`_ghost_train`).
+
+    The parameter gradients are the sums of the chunks'.
+    """
+    assert saved.groups is not None and saved.layout is not None
+    layout, groups, x = saved.layout, len(saved.groups), saved.x
+    dtype = kernels.coefficient_dtype(xp, x)
+    coefs, scratch, pivots = [], [], []
+    dweight = dbias = None
     start = 0
     for part in saved.groups:
         stop = start + part.x.shape[0]
-        assert part.layout is not None
-        dx, dw, db = _backward_stages(xp, part.x, dy[start:stop, ...], part, part.layout, kernels)
+        assert part.layout is not None and part.pivot is not None
+        # reductions
+        sums = kernels.grad_sums(xp, part.x, dy[start:stop, ...], part.layout, part.pivot)
+        # coefficients
+        coef = backward_coefficients(xp, part, sums, dtype)
+        coefs.append(coef)
+        scratch.append(sums.scratch)
+        pivots.append(_as(xp, part.pivot, dtype))
+        dweight = coef.dweight if dweight is None else dweight + coef.dweight
+        dbias = coef.dbias if dbias is None else dbias + coef.dbias
         start = stop
-        dxs.append(dx)
-        dweight = dw if dweight is None else dweight + dw
-        dbias = db if dbias is None else dbias + db
-    return (xp.concat(dxs, axis=0) if len(dxs) > 1 else dxs[0]), dweight, dbias
+    # apply
+    if layout.inner > 1:
+        a, b, k = (_expand(xp, [getattr(c, f) for c in coefs], layout, groups) for f in ("a", "b", "k"))
+        dx = kernels.grad_apply(xp, x, dy, _grouped(layout, groups), _expand(xp, pivots, layout, groups),
+                                a, b, k)
+    else:
+        v = saved.groups[0].x.shape[0]
+        dxs = [kernels.grad_apply(xp, part.x, dy[g * v : (g + 1) * v, ...], part.layout, part.pivot, c.a, c.b, c.k,
+                                  scratch=sc)
+               for g, (part, c, sc) in enumerate(zip(saved.groups, coefs, scratch))]
+        dx = xp.concat(dxs, axis=0) if groups > 1 else dxs[0]
+    return dx, dweight, dbias
 
 
 def update_running_stats(
@@ -627,3 +755,27 @@ def _saturated(xp: Namespace, a: Array, dtype: Any) -> Array:
     if xp.finfo(a.dtype).max > xp.finfo(dtype).max:
         a = xp.where(xp.abs(a) > xp.finfo(dtype).max, a * float("inf"), a)
     return xp.astype(a, dtype)
+
+
+def _check_activation(fn: str, activation: Any) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(
+            f"{fn}: activation must be one of {list(ACTIVATIONS)}, got {activation!r}"
+        )
+
+
+def _check_residual(fn: str, xp: Namespace, x: Array, residual: Array | None) -> None:
+    """``residual`` must be None or an array of x's library, device and shape."""
+    if residual is None:
+        return
+    namespace_of(fn, x=x, residual=residual)
+    check_floating(fn, "residual", xp, residual)
+    if tuple(residual.shape) != tuple(x.shape):
+        raise ValueError(
+            f"{fn}: residual has shape {tuple(residual.shape)}, expected {tuple(x.shape)} = the shape of x"
+        )
+
+
+def _large(*arrays: Array | None) -> tuple[Array, ...]:
+    """The arrays the size of x a fast path must serve (None left out)."""
+    return tuple(a for a in arrays if a is not None)

@@ -22,7 +22,7 @@ from ._checks import check_real
 from ._namespace import Array, Namespace, compute_dtype
 from ._saved import BatchNormSaved
 from ._steps import stats_from_sums, train_coefficients
-from .functional import _validated, update_running_stats
+from .functional import _batch_saved, _validated, update_running_stats
 from .layer import BatchNorm
 
 __all__ = ["BatchRenorm", "batch_renorm_train", "renorm_limits"]
@@ -113,23 +113,9 @@ def batch_renorm_train(
     # apply
     y = kernels.apply(xp, x, layout, coef.pivot, coef.scale, shift, scratch=sums.scratch)
 
+    saved = _batch_saved(xp, x, layout, stats, coef, weight, bias, eps)
     cdt = compute_dtype(xp, x.dtype)
-    saved = BatchNormSaved(
-        x=x,
-        mean=_as(xp, stats.pivot + stats.delta, cdt),
-        invstd=_as(xp, coef.invstd, cdt),
-        var=_as(xp, stats.var, cdt),
-        weight=weight,
-        has_bias=bias is not None,
-        axis=layout.axis,
-        eps=eps,
-        count=layout.per_feature,
-        pivot=_as(xp, stats.pivot, cdt),
-        delta=_as(xp, stats.delta, cdt),
-        layout=layout,
-        r=_as(xp, r, cdt),
-        d=_as(xp, d, cdt),
-    )
+    saved.r, saved.d = _as(xp, r, cdt), _as(xp, d, cdt)
     return y, saved
 
 
