@@ -340,11 +340,15 @@ def test_apply_matches_float64_reference(geometry, dtype, activation, residual):
 
 
 def _backward_case(geometry, dtype, activation, residual, seed):
-    """A case whose dy is 0 where ReLU's mask could differ from the reference's (|z| tiny)."""
+    """A case whose dy is 0 where ReLU's mask could differ from the reference's (|z| tiny).
+
+    z is recomputed around the forward apply's pivot (``z_pivot``: the float64 mean here),
+    the sums are shifted by another (a sample of x), as when inference's backward runs.
+    """
     case = _case(geometry, dtype, seed=seed)
     r = case.residual if residual else None
-    z = ref_z(case.x, case.sample, case.scale, case.shift, r)
-    dz = _z_error(case.x, case.sample, case.scale, case.shift, r, dtype)
+    z = ref_z(case.x, case.mean, case.scale, case.shift, r)
+    dz = _z_error(case.x, case.mean, case.scale, case.shift, r, dtype)
     dy = case.dy
     if activation == "relu":
         dy = np.where(np.abs(z) <= 2 * dz, 0, dy).astype(dtype)
@@ -358,7 +362,8 @@ def test_grad_sums_match_float64_reference(geometry, dtype, activation, residual
     case, r, z, dz, dy = _backward_case(geometry, dtype, activation, residual, seed=2)
     out = cuda.device_array((2, geometry.fold.features), np.float64)
     K.grad_sums(_dev(case.x), _dev(dy), _dev(case.sample), out, activation, _dev(case.scale),
-                _dev(case.shift), None if r is None else _dev(r), config=_config(geometry))
+                _dev(case.shift), None if r is None else _dev(r), z_pivot=_dev(case.mean),
+                config=_config(geometry))
     sum_dy, sum_dy_d = out.copy_to_host()
     g = ref_dy_prime(dy, z, activation)
     dg = _dy_prime_error(dy, z, dz, activation, dtype)
@@ -380,7 +385,7 @@ def test_grad_apply_matches_float64_reference(geometry, dtype, activation, resid
     dres = cuda.device_array(case.x.shape, case.x.dtype) if activation else None
     K.grad_apply(_dev(case.x), _dev(dy), _dev(case.sample), _dev(a), _dev(b), _dev(k), dx, activation,
                  _dev(case.scale), _dev(case.shift), None if r is None else _dev(r), dres,
-                 config=_config(geometry))
+                 z_pivot=_dev(case.mean), config=_config(geometry))
     g = ref_dy_prime(dy, z, activation)
     dg = _dy_prime_error(dy, z, dz, activation, dtype)
     d = case.x.astype(np.float64) - _v(case.sample)
@@ -595,6 +600,23 @@ def test_cuda_path_glue_under_the_simulator(monkeypatch, shape, axis):
     assert path.grad_apply(x, dy, layout, pivot, ones, ones, ones, residual=r)[1] is dy  # dy' = dy
     assert path.grad_apply(x, dy, layout, pivot, ones, ones, ones)[1] is None
 
+    # the same behind anybn._kernels.Kernels: None coefficients, Activation, Sums/GradSums
+    kernels = glue.CudaKernels(path)
+    sums = kernels.moments(np, x, layout)
+    assert sums.count == fold.outer * fold.inner and np.array_equal(sums.s2, s2)
+    y = kernels.apply(np, x, layout, None, case.scale, None)
+    expected = case.x * _v(case.scale)  # float64: one rounding each side
+    _assert_close(np.asarray(y).reshape(tuple(fold)), expected, 2 * U64 * np.abs(expected),
+                  dtype=np.float64, what="x * scale")
+    act = SimpleNamespace(kind="relu", pivot=case.mean, scale=case.scale, shift=case.shift, residual=r)
+    g = ref_dy_prime(case.dy, ref_z(case.x, case.mean, case.scale, case.shift, case.residual), "relu")
+    grad = kernels.grad_sums(np, x, dy, layout, None, act=act)
+    assert grad.sum_dy_d is None
+    _assert_close(grad.sum_dy, _sum(g), _sum_error(g), dtype=np.float64, what="sum dy'")
+    dx, dres = kernels.grad_apply(np, x, dy, layout, None, None, None, 2 * ones, act=act)
+    assert np.array_equal(np.asarray(dx).reshape(tuple(fold)), 2 * g)
+    assert np.array_equal(np.asarray(dres).reshape(tuple(fold)), g)
+
 
 # ------------------------------------------------------------------ the real CUDA target
 
@@ -621,10 +643,10 @@ MAP = {types.float16: [("apply", 2, True, False), ("grad", 1, True, True)],
 for dt in (types.float16, types.float32, types.float64):
     ct = K._compute_type(str(dt))
     for op, act, res in REDUCE[dt]:
-        sig = (arr(dt),) * 3 + (arr(f64),) * 3 + (types.int64,) * 3 + (arr(f64, 3),)
+        sig = (arr(dt),) * 3 + (arr(f64),) * 4 + (types.int64,) * 3 + (arr(f64, 3),)
         compile_cuda(K._reduce_kernel(op, ct, act, res, K.THREADS).py_func, types.void, sig, cc=(9, 0))
     for op, act, res, out2 in MAP[dt]:
-        sig = (arr(dt),) * 3 + (arr(f64),) * 6 + (types.int64,) * 3 + (arr(dt),) * 2
+        sig = (arr(dt),) * 3 + (arr(f64),) * 7 + (types.int64,) * 3 + (arr(dt),) * 2
         cres = compile_cuda(K._map_kernel(op, ct, act, res, out2).py_func, types.void, sig, cc=(9, 0))
         if dt != types.float64:  # float32 arithmetic stays float32 (a Python float literal would not)
             ir = cres.library.get_llvm_str()

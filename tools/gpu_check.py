@@ -170,7 +170,7 @@ KERNEL_SHAPES = [
     ("NCHW", (16, 13, 17, 19), 1),
     ("NCL-short", (4097, 3, 3), 1),
 ]
-ACTIVATION_CASES = [(None, False), ("relu", True), ("sigmoid", True)]
+ACTIVATION_CASES = [(None, False), (None, True), ("relu", True), ("sigmoid", True)]
 
 
 def section_kernels(budget: Budget) -> dict[str, Any]:
@@ -236,15 +236,16 @@ def _check_all_kernels(cp: ModuleType, t: ModuleType, path: Any, shape: tuple[in
     tol = t._act_error(z, dz, activation, dtype) + t._output_rounding(expected, dtype)
     t._assert_close(cp.asnumpy(y).reshape(fold), expected, tol, dtype=dtype, what="y")
 
-    z = t.ref_z(x3, pivot, scale, shift, r3)
-    dz = t._z_error(x3, pivot, scale, shift, r3, dtype)
+    # z around the forward's pivot (the mean), sums around the sample pivot
+    z = t.ref_z(x3, mean, scale, shift, r3)
+    dz = t._z_error(x3, mean, scale, shift, r3, dtype)
     dy3 = dy.reshape(fold)
     if activation == "relu":  # dy = 0 where the mask could differ from float64's
         dy3 = np.where(np.abs(z) <= 2 * dz, 0, dy3).astype(dtype)
     gdy = cp.asarray(dy3.reshape(shape))
-    gp, gs, gh = cp.asarray(pivot), cp.asarray(scale), cp.asarray(shift)
+    gp, gs, gh, gm = cp.asarray(pivot), cp.asarray(scale), cp.asarray(shift), cp.asarray(mean)
     sum_dy, sum_dy_d = path.grad_sums(gx, gdy, layout, gp, activation=activation, scale=gs, shift=gh,
-                                      residual=gr)
+                                      residual=gr, z_pivot=gm)
     g = t.ref_dy_prime(dy3, z, activation)
     dg = t._dy_prime_error(dy3, z, dz, activation, dtype)
     t._assert_close(cp.asnumpy(sum_dy), t._sum(g), t._sum_error(g, dg), dtype=dtype, what="sum dy'")
@@ -252,14 +253,16 @@ def _check_all_kernels(cp: ModuleType, t: ModuleType, path: Any, shape: tuple[in
                     dtype=dtype, what="sum dy' d")
 
     dx, dres = path.grad_apply(gx, gdy, layout, gp, cp.asarray(a), cp.asarray(b), cp.asarray(k),
-                               activation=activation, scale=gs, shift=gh, residual=gr)
+                               activation=activation, scale=gs, shift=gh, residual=gr, z_pivot=gm)
     inner = g + t._v(a) * d + t._v(b)
     expected = t._v(k) * inner
     uc = t._compute_unit(dtype)
     inner_err = dg + uc * (4 * np.abs(t._v(a)) * np.abs(d) + 3 * np.abs(g) + 3 * np.abs(t._v(b)))
     tol = np.abs(t._v(k)) * inner_err + 2 * uc * np.abs(expected) + t._output_rounding(expected, dtype)
     t._assert_close(cp.asnumpy(dx).reshape(fold), expected, tol, dtype=dtype, what="dx")
-    if residual:
+    if residual and activation is None:
+        assert dres is gdy, "without an activation the residual's gradient is dy itself"
+    elif residual:
         assert dres is not None, "no residual gradient"
         t._assert_close(cp.asnumpy(dres).reshape(fold), g, dg + t._output_rounding(g, dtype), dtype=dtype,
                         what="dres")

@@ -164,17 +164,19 @@ def moments(x3: Any, pivot: Any, out: Any, *, config: LaunchConfig | None = None
         Allocates the (2, chunks, C) float64 partial sums; cuda.py passes ``cupy.empty`` so
         they come from CuPy's pool. Defaults to ``numba.cuda.device_array``.
     """
-    _reduce("moments", x3, None, None, pivot, pivot, pivot, out, None, config, stream, empty)
+    _reduce("moments", x3, None, None, pivot, pivot, pivot, pivot, out, None, config, stream, empty)
 
 
 def grad_sums(x3: Any, dy3: Any, pivot: Any, out: Any, activation: str | None = None, scale: Any = None,
-              shift: Any = None, residual3: Any = None, *, config: LaunchConfig | None = None,
-              stream: Any = 0, empty: Callable[..., Any] | None = None) -> None:
+              shift: Any = None, residual3: Any = None, *, z_pivot: Any = None,
+              config: LaunchConfig | None = None, stream: Any = 0,
+              empty: Callable[..., Any] | None = None) -> None:
     """Backward sums: ``out[0, c] = sum(dy')``, ``out[1, c] = sum(dy' * (x - pivot[c]))``.
 
-    ``dy' = dy * act'(z)``, ``z = (x - pivot) * scale + shift [+ residual]`` recomputed
+    ``dy' = dy * act'(z)``, ``z = (x - z_pivot) * scale + shift [+ residual]`` recomputed
     exactly as ``apply`` computed it (same dtype, same order), so a ReLU mask here is the
     forward's; ``dy' = dy`` without activation (scale, shift and residual3 unused then).
+    ``z_pivot`` is the forward apply's pivot, ``pivot`` by default.
 
     Parameters
     ----------
@@ -184,10 +186,12 @@ def grad_sums(x3: Any, dy3: Any, pivot: Any, out: Any, activation: str | None = 
     activation : None, "relu" or "sigmoid"
     scale, shift : device arrays, shape (C,), float64; required with an activation
     residual3 : device array like x3, optional
+    z_pivot : device array, shape (C,), float64, optional
     config, stream, empty : as for ``moments``
     """
     act = _activation("grad_sums", activation, scale, shift)
-    _reduce("grad", x3, dy3, residual3 if act else None, pivot, scale if act else pivot,
+    zp = pivot if z_pivot is None or not act else z_pivot
+    _reduce("grad", x3, dy3, residual3 if act else None, pivot, zp, scale if act else pivot,
             shift if act else pivot, out, activation, config, stream, empty)
 
 
@@ -210,8 +214,8 @@ def apply(x3: Any, pivot: Any, scale: Any, shift: Any, y3: Any, activation: str 
 
 def grad_apply(x3: Any, dy3: Any, pivot: Any, a: Any, b: Any, k: Any, dx3: Any,
                activation: str | None = None, scale: Any = None, shift: Any = None,
-               residual3: Any = None, dres3: Any = None, *, config: LaunchConfig | None = None,
-               stream: Any = 0) -> None:
+               residual3: Any = None, dres3: Any = None, *, z_pivot: Any = None,
+               config: LaunchConfig | None = None, stream: Any = 0) -> None:
     """``dx = k * (dy' + a * (x - pivot) + b)`` per feature; ``dres = dy'`` when dres3 is given.
 
     Parameters
@@ -219,12 +223,13 @@ def grad_apply(x3: Any, dy3: Any, pivot: Any, a: Any, b: Any, k: Any, dx3: Any,
     x3, dy3 : device arrays, shape (outer, C, inner), same float dtype, C-contiguous
     pivot, a, b, k : device arrays, shape (C,), float64
     dx3 : device array like x3, written
-    activation, scale, shift, residual3 : as for ``grad_sums``
+    activation, scale, shift, residual3, z_pivot : as for ``grad_sums``
     dres3 : device array like x3, optional, written
     config, stream : as for ``moments``
     """
     act = _activation("grad_apply", activation, scale, shift)
-    coefs = (pivot, a, b, k, scale if act else pivot, shift if act else pivot)
+    zp = pivot if z_pivot is None or not act else z_pivot
+    coefs = (pivot, a, b, k, scale if act else pivot, shift if act else pivot, zp)
     _map("grad", x3, dy3, residual3 if act else None, coefs, dx3, dres3, activation, config, stream)
 
 
@@ -236,7 +241,7 @@ def _activation(fn: str, activation: str | None, scale: Any, shift: Any) -> int:
     return _ACT[activation]
 
 
-def _reduce(op: str, x3: Any, dy3: Any, r3: Any, pivot: Any, scale: Any, shift: Any, out: Any,
+def _reduce(op: str, x3: Any, dy3: Any, r3: Any, pivot: Any, z_pivot: Any, scale: Any, shift: Any, out: Any,
             activation: str | None, config: LaunchConfig | None, stream: Any,
             empty: Callable[..., Any] | None) -> None:
     outer, features, inner = x3.shape
@@ -248,7 +253,8 @@ def _reduce(op: str, x3: Any, dy3: Any, r3: Any, pivot: Any, scale: Any, shift: 
     kernel = _reduce_kernel(op, _compute_type(x3.dtype), _ACT[activation], r3 is not None,
                             config.threads)
     kernel[config.grid, config.block, stream](
-        xf, _flat(dy3, xf), _flat(r3, xf), pivot, scale, shift, features, inner, outer * inner, partial)
+        xf, _flat(dy3, xf), _flat(r3, xf), pivot, z_pivot, scale, shift, features, inner, outer * inner,
+        partial)
     _merge_kernel()[config.merge_grid, config.merge_block, stream](partial, out)
 
 
@@ -258,7 +264,7 @@ def _map(op: str, x3: Any, dy3: Any, r3: Any, coefs: tuple[Any, ...], o3: Any, o
     if features == 0 or outer * inner == 0:
         return
     config = config or launch_config(_Fold(outer, features, inner))
-    coefs = coefs + (coefs[0],) * (6 - len(coefs))  # unused slots: any (C,) float64 array
+    coefs = coefs + (coefs[0],) * (7 - len(coefs))  # unused slots: any (C,) float64 array
     xf, of = _flat(x3), _flat(o3)
     kernel = _map_kernel(op, _compute_type(x3.dtype), _ACT[activation], r3 is not None,
                          o23 is not None)
@@ -326,7 +332,7 @@ def _element_ops(ctype: Any, act: int, has_res: bool) -> tuple[Any, Any]:
 
 @lru_cache(maxsize=None)
 def _reduce_kernel(op: str, ctype: Any, act: int, has_res: bool, threads: int) -> Any:
-    """Kernel ``(xf, dyf, rf, pivot, scale, shift, C, inner, count, partial)``.
+    """Kernel ``(xf, dyf, rf, pivot, z_pivot, scale, shift, C, inner, count, partial)``.
 
     Leaves per block two float64 sums per feature in ``partial[:, chunk, c]``: of
     ``x - pivot`` and its square (op "moments"), or of dy' and ``dy' * (x - pivot)`` (op
@@ -345,7 +351,7 @@ def _reduce_kernel(op: str, ctype: Any, act: int, has_res: bool, threads: int) -
         return d, d * d
 
     @cuda.jit
-    def kernel(xf, dyf, rf, pivot, scale, shift, features, inner, count, partial):  # pragma: no cover
+    def kernel(xf, dyf, rf, pivot, z_pivot, scale, shift, features, inner, count, partial):  # pragma: no cover
         sh1 = cuda.shared.array(threads, types.float64)
         sh2 = cuda.shared.array(threads, types.float64)
         tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
@@ -356,7 +362,7 @@ def _reduce_kernel(op: str, ctype: Any, act: int, has_res: bool, threads: int) -
         a2 = f64(0.0)
         if c < features:  # idle lanes (c >= C) still take part in the block reduction
             p64 = pivot[c]
-            p, s, h = ctype(p64), ctype(scale[c]), ctype(shift[c])
+            p, s, h = ctype(z_pivot[c]), ctype(scale[c]), ctype(shift[c])
             t = chunk * ny + ty
             stride = cuda.gridDim.y * ny
             plane = features * inner
@@ -412,32 +418,33 @@ def _reduce_kernel(op: str, ctype: Any, act: int, has_res: bool, threads: int) -
 
 @lru_cache(maxsize=None)
 def _map_kernel(op: str, ctype: Any, act: int, has_res: bool, has_out2: bool) -> Any:
-    """Kernel ``(xf, dyf, rf, q0, ..., q5, C, inner, count, of, of2)``, elementwise.
+    """Kernel ``(xf, dyf, rf, q0, ..., q6, C, inner, count, of, of2)``, elementwise.
 
     op "apply": q = (pivot, scale, shift), ``of = act(z)``. op "grad": q = (pivot, a, b, k,
-    scale, shift), ``of = k * (dy' + a * (x - pivot) + b)`` and ``of2 = dy'`` if has_out2.
+    scale, shift, z_pivot), ``of = k * (dy' + a * (x - pivot) + b)`` and ``of2 = dy'`` if
+    has_out2.
     Unused q slots and arrays are placeholders, never read.
     """
     forward, backward = _element_ops(ctype, act, has_res)
     grad = op == "grad"
 
     @cuda.jit(device=True)
-    def element(x, dy, r, q0, q1, q2, q3, q4, q5):  # pragma: no cover - compiled
+    def element(x, dy, r, q0, q1, q2, q3, q4, q5, q6):  # pragma: no cover - compiled
         if grad:
-            g = backward(x, dy, r, q0, q4, q5)
+            g = backward(x, dy, r, q6, q4, q5)
             return q3 * (g + q1 * (x - q0) + q2), g
         y = forward(x, r, q0, q1, q2)
         return y, y
 
     @cuda.jit
-    def kernel(xf, dyf, rf, c0, c1, c2, c3, c4, c5, features, inner, count, of, of2):  # pragma: no cover
+    def kernel(xf, dyf, rf, c0, c1, c2, c3, c4, c5, c6, features, inner, count, of, of2):  # pragma: no cover
         tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
         nx, ny = cuda.blockDim.x, cuda.blockDim.y
         c = cuda.blockIdx.x * nx + tx
         if c >= features:
             return  # no block-wide synchronization here: idle lanes may leave
         q0, q1, q2 = ctype(c0[c]), ctype(c1[c]), ctype(c2[c])
-        q3, q4, q5 = ctype(c3[c]), ctype(c4[c]), ctype(c5[c])
+        q3, q4, q5, q6 = ctype(c3[c]), ctype(c4[c]), ctype(c5[c]), ctype(c6[c])
         t = cuda.blockIdx.y * ny + ty
         stride = cuda.gridDim.y * ny
         plane = features * inner
@@ -462,10 +469,10 @@ def _map_kernel(op: str, ctype: Any, act: int, has_res: bool, has_out2: bool) ->
             r0, r1, r2, r3 = x0, x1, x2, x3
             if has_res:
                 r0, r1, r2, r3 = ctype(rf[o0]), ctype(rf[o1]), ctype(rf[o2]), ctype(rf[o3])
-            e0, g0 = element(x0, y0, r0, q0, q1, q2, q3, q4, q5)
-            e1, g1 = element(x1, y1, r1, q0, q1, q2, q3, q4, q5)
-            e2, g2 = element(x2, y2, r2, q0, q1, q2, q3, q4, q5)
-            e3, g3 = element(x3, y3, r3, q0, q1, q2, q3, q4, q5)
+            e0, g0 = element(x0, y0, r0, q0, q1, q2, q3, q4, q5, q6)
+            e1, g1 = element(x1, y1, r1, q0, q1, q2, q3, q4, q5, q6)
+            e2, g2 = element(x2, y2, r2, q0, q1, q2, q3, q4, q5, q6)
+            e3, g3 = element(x3, y3, r3, q0, q1, q2, q3, q4, q5, q6)
             of[o0] = e0
             of[o1] = e1
             of[o2] = e2
@@ -480,7 +487,7 @@ def _map_kernel(op: str, ctype: Any, act: int, has_res: bool, has_out2: bool) ->
             x0 = ctype(xf[off])
             y0 = ctype(dyf[off]) if grad else x0
             r0 = ctype(rf[off]) if has_res else x0
-            e0, g0 = element(x0, y0, r0, q0, q1, q2, q3, q4, q5)
+            e0, g0 = element(x0, y0, r0, q0, q1, q2, q3, q4, q5, q6)
             of[off] = e0
             if has_out2:
                 of2[off] = g0

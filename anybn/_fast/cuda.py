@@ -8,7 +8,8 @@ supplies the two kinds of kernel the functional core composes every step from:
 - elementwise passes: ``apply`` (forward, inference) and ``grad_apply`` (backward), each
   one read of the inputs and one write of the result.
 
-The O(C) coefficient arithmetic between them is not here: it is written once in array-API
+``CudaKernels`` puts the same methods behind ``anybn._kernels.Kernels``, the protocol the
+functional core calls. The O(C) coefficient arithmetic between them is not here: it is written once in array-API
 code and runs on CuPy like any other backend. This module is glue only: it views x as
 ``(outer, C, inner)`` (a free reshape), allocates results with ``cupy.empty`` (CuPy's pool),
 and launches on CuPy's current stream, so the work is ordered with the caller's CuPy calls
@@ -24,7 +25,9 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-__all__ = ["CudaPath"]
+from .._moments import GradSums, Sums
+
+__all__ = ["CudaKernels", "CudaPath"]
 
 # Below this many bytes of x the generic CuPy path serves: a numba launch costs tens of
 # microseconds of host time (argument wrapping, dispatch), more than CuPy's own kernels
@@ -130,7 +133,8 @@ class CudaPath:
         return y
 
     def grad_sums(self, x: Any, dy: Any, layout: Any, pivot: Any, *, activation: str | None = None,
-                  scale: Any = None, shift: Any = None, residual: Any = None) -> tuple[Any, Any]:
+                  scale: Any = None, shift: Any = None, residual: Any = None,
+                  z_pivot: Any = None) -> tuple[Any, Any]:
         """Per-feature ``sum(dy')`` and ``sum(dy' * (x - pivot))``, ``dy' = dy * act'(z)``.
 
         Parameters
@@ -139,6 +143,8 @@ class CudaPath:
         layout : anybn._namespace.Layout
         pivot : cupy.ndarray, shape (C,), float64
         activation, scale, shift, residual : as for ``apply`` (z recomputed from them)
+        z_pivot : cupy.ndarray, shape (C,), float64, optional
+            The forward apply's pivot, where it was not ``pivot``.
 
         Returns
         -------
@@ -148,12 +154,12 @@ class CudaPath:
         out = cp.empty((2, layout.features), dtype=cp.float64)
         self._k.grad_sums(_dev(_fold(x, layout)), _dev(_fold(dy, layout)), _dev(pivot), _dev(out),
                           activation, _dev(scale), _dev(shift), _dev(_fold(residual, layout)),
-                          **launch, empty=_empty)
+                          z_pivot=_dev(z_pivot), **launch, empty=_empty)
         return out[0], out[1]
 
     def grad_apply(self, x: Any, dy: Any, layout: Any, pivot: Any, a: Any, b: Any, k: Any, *,
                    activation: str | None = None, scale: Any = None, shift: Any = None,
-                   residual: Any = None) -> tuple[Any, Any]:
+                   residual: Any = None, z_pivot: Any = None) -> tuple[Any, Any]:
         """``dx = k * (dy' + a * (x - pivot) + b)`` per feature, and the residual's gradient.
 
         Parameters
@@ -161,7 +167,7 @@ class CudaPath:
         x, dy : cupy.ndarray, C-contiguous, same float dtype, shape ``layout.shape``
         layout : anybn._namespace.Layout
         pivot, a, b, k : cupy.ndarray, shape (C,), float64
-        activation, scale, shift, residual : as for ``apply``
+        activation, scale, shift, residual, z_pivot : as for ``grad_sums``
 
         Returns
         -------
@@ -175,7 +181,8 @@ class CudaPath:
         dres = cp.empty_like(x) if residual is not None and activation is not None else None
         self._k.grad_apply(_dev(_fold(x, layout)), _dev(_fold(dy, layout)), *_devs(pivot, a, b, k),
                            _dev(_fold(dx, layout)), activation, _dev(scale), _dev(shift),
-                           _dev(_fold(residual, layout)), _dev(_fold(dres, layout)), **launch)
+                           _dev(_fold(residual, layout)), _dev(_fold(dres, layout)), z_pivot=_dev(z_pivot),
+                           **launch)
         if residual is not None and activation is None:
             dres = dy
         return dx, dres
@@ -195,6 +202,69 @@ class CudaPath:
         # ptr 0 is CuPy's null stream, CUDA's legacy default stream: numba's stream 0
         stream = cuda.external_stream(ptr) if ptr else 0
         return cp, {"config": self._k.launch_config(layout, sm_count=sm_count), "stream": stream}
+
+
+class CudaKernels:
+    """``CudaPath`` behind ``anybn._kernels.Kernels``: the protocol the functional core calls.
+
+    It maps the protocol's conventions onto the path: ``None`` coefficients become zeros,
+    ``Activation`` is unpacked, the sums' pivot and the forward's pivot (``act.pivot``) are
+    passed separately, and results come back as ``Sums`` / ``GradSums``.
+    """
+
+    name = CudaPath.name
+    # the pivot is subtracted in registers: centering costs the apply nothing
+    centering_is_free = True
+
+    def __init__(self, path: CudaPath | None = None) -> None:
+        self.path = path or CudaPath()
+
+    def serves(self, step: str, xp: Any, arrays: tuple[Any, ...]) -> bool:
+        return self.path.serves(step, xp, arrays)
+
+    def coefficient_dtype(self, xp: Any, x: Any) -> Any:
+        return xp.float64  # the kernels sum in float64 for every input dtype
+
+    def moments(self, xp: Any, x: Any, layout: Any) -> Sums:
+        pivot, s1, s2 = self.path.moments(x, layout)
+        return Sums(layout.outer * layout.inner, pivot, s1, s2)
+
+    def apply(self, xp: Any, x: Any, layout: Any, pivot: Any, scale: Any, shift: Any, *, scratch: Any = None,
+              activation: str | None = None, residual: Any = None) -> Any:
+        c = layout.features
+        return self.path.apply(x, layout, _coef(xp, pivot, c), _coef(xp, scale, c), _coef(xp, shift, c),
+                               activation=activation, residual=residual)
+
+    def grad_sums(self, xp: Any, x: Any, dy: Any, layout: Any, pivot: Any, *, act: Any = None) -> GradSums:
+        c = layout.features
+        z = _z_args(xp, act, c)
+        # without a pivot only sum(dy) is wanted; any pivot does for the unused second sum
+        sums_pivot = pivot if pivot is not None else z.get("z_pivot")
+        sum_dy, sum_dy_d = self.path.grad_sums(x, dy, layout, _coef(xp, sums_pivot, c), **z)
+        return GradSums(sum_dy, None if pivot is None else sum_dy_d)
+
+    def grad_apply(self, xp: Any, x: Any, dy: Any, layout: Any, pivot: Any, a: Any, b: Any, k: Any, *,
+                   scratch: Any = None, act: Any = None) -> Any:
+        c = layout.features
+        dx, dres = self.path.grad_apply(x, dy, layout, _coef(xp, pivot, c), _coef(xp, a, c), _coef(xp, b, c),
+                                        _coef(xp, k, c), **_z_args(xp, act, c))
+        return dx if act is None or act.residual is None else (dx, dres)
+
+
+def _coef(xp: Any, v: Any, features: int) -> Any:
+    """A (C,) float64 coefficient vector for the kernels; zeros stand for None."""
+    if v is None:
+        return xp.zeros(features, dtype=xp.float64)
+    return xp.asarray(v, dtype=xp.float64)
+
+
+def _z_args(xp: Any, act: Any, features: int) -> dict[str, Any]:
+    """The keyword arguments that recompute z = (x - act.pivot) * scale + shift [+ residual]."""
+    if act is None:
+        return {}
+    return {"activation": act.kind, "scale": _coef(xp, act.scale, features),
+            "shift": _coef(xp, act.shift, features), "residual": act.residual,
+            "z_pivot": _coef(xp, act.pivot, features)}
 
 
 def _fold(a: Any, layout: Any) -> Any:
