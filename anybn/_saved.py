@@ -56,6 +56,10 @@ class BatchNormSaved:
         in batch order. ``mean`` and ``var`` then hold the chunks' mean of means and mean
         of biased variances, and ``count`` the values per feature of one chunk, so that
         :func:`anybn.update_running_stats` averages the chunks' unbiased variances.
+    act : anybn._kernels.Activation, or None
+        A fused activation and/or residual (``activation=``, ``residual=``): its kind, the
+        apply's coefficients and the residual, from which backward recomputes the
+        pre-activation z and act'(z). None when the forward pass fused neither.
     comm : anybn.distributed.Communicator, or None
         Synchronized batch normalization (``comm=``): the communicator the forward pass
         merged its statistics over, and that backward all-reduces its sums over. Then
@@ -80,11 +84,12 @@ class BatchNormSaved:
     d: Array | None = None
     groups: tuple[BatchNormSaved, ...] | None = None
     comm: Any = None
+    act: Any = None
 
     @property
     def plain(self) -> bool:
-        """True for plain batch normalization: neither renormalized nor grouped."""
-        return self.r is None and self.groups is None
+        """True for plain batch normalization: not renormalized, grouped or fused."""
+        return self.r is None and self.groups is None and self.act is None
 
     def __getstate__(self) -> dict[str, Any]:  # slots dataclass: pickle by fields
         return {name: getattr(self, name) for name in self.__dataclass_fields__}

@@ -10,6 +10,7 @@ import array_api_compat
 from . import interop
 from ._checks import check_axis, check_eps, check_momentum, check_num_features, check_real
 from ._namespace import Array, describe, library_name, namespace_from_module, namespace_of, portable, restore
+from ._kernels import ACTIVATIONS
 from ._saved import BatchNormSaved
 from .functional import _fixed, _train_synchronized, batch_norm_backward, batch_norm_train, update_running_stats
 from .population import Method, PopulationStats
@@ -62,6 +63,10 @@ class BatchNorm:
         data-parallel gradient all-reduce) for the global gradient, as with PyTorch's
         ``SyncBatchNorm``. Eval mode makes no collective. Settable later, or through
         :func:`anybn.distributed.synchronize`.
+    activation : {None, "relu", "sigmoid"}, default None
+        A fused activation: the layer returns act(BN(x) [+ residual]) from one pass, and
+        :meth:`backward` takes the gradient of that output (BN-add-ReLU as cuDNN fuses
+        it). Not available with ``comm`` or ``virtual_batch_size`` yet.
 
     Attributes
     ----------
@@ -72,6 +77,8 @@ class BatchNorm:
     num_batches_tracked : int
     grad_weight, grad_bias : array of shape (C,) or None
         Set by :meth:`backward`.
+    grad_residual : array or None
+        Set by :meth:`backward` when the forward pass was given a residual.
     training : bool
     frozen : bool
         Set by :meth:`freeze`: normalize with the running statistics in every mode, never
@@ -97,8 +104,12 @@ class BatchNorm:
         dtype: Any = None,
         virtual_batch_size: int | None = None,
         comm: Any = None,
+        activation: str | None = None,
     ) -> None:
         fn = "BatchNorm"
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"{fn}: activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
+        self.activation: str | None = activation
         self.num_features = check_num_features(fn, num_features)
         if virtual_batch_size is not None:
             from ._checks import _integer
@@ -130,6 +141,7 @@ class BatchNorm:
         self.num_batches_tracked = 0
         self.grad_weight: Array | None = None
         self.grad_bias: Array | None = None
+        self.grad_residual: Array | None = None
         self._saved: BatchNormSaved | None = None
         self.population: PopulationStats | None = None
         self.reset_parameters()
@@ -218,33 +230,40 @@ class BatchNorm:
                 f"(x.shape = {tuple(x.shape)}), expected num_features = {self.num_features}"
             )
 
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, residual: Array | None = None) -> Array:
         """Forward pass; see :meth:`forward`."""
-        return self.forward(x)
+        return self.forward(x, residual)
 
-    def forward(self, x: Array) -> Array:
+    def forward(self, x: Array, residual: Array | None = None) -> Array:
         """Normalize ``x`` (shape ``(N, C, *spatial)`` or channels-last per ``axis``).
 
         Returns an array of the same shape, dtype, namespace and device. In training mode
-        with ``track_running_stats``, also updates the running statistics.
+        with ``track_running_stats``, also updates the running statistics. With the
+        layer's ``activation``, returns act(BN(x) [+ residual]) from one fused pass;
+        ``residual`` (same shape as x) is added before the activation.
         """
+        fused = {"activation": self.activation, "residual": residual}
+        if self.activation is None and residual is None:
+            fused = {}
         if self.comm is not None and not self.frozen and (
             self.training or not self.track_running_stats or self.population is not None
         ):
+            if fused:
+                raise ValueError("BatchNorm: activation= and residual= are not available with comm= yet")
             return self._forward_synchronized(x)
         self._check_input(x)
         virtual = self.virtual_batch_size if self.training else None  # ghost BN trains only
         if self.frozen:
             y, saved = _fixed("BatchNorm", x, self.running_mean, self.running_var, self.weight, self.bias,
-                              axis=self.axis, eps=self.eps)
+                              axis=self.axis, eps=self.eps, **fused)
         elif self.population is not None:  # collecting population statistics
             y, saved = batch_norm_train(x, self.weight, self.bias, axis=self.axis, eps=self.eps,
-                                        virtual_batch_size=virtual)
+                                        virtual_batch_size=virtual, **fused)
             for part in saved.groups or (saved,):
                 self.population.update_from(part)
         elif self.training or not self.track_running_stats:
             y, saved = batch_norm_train(x, self.weight, self.bias, axis=self.axis, eps=self.eps,
-                                        virtual_batch_size=virtual)
+                                        virtual_batch_size=virtual, **fused)
             if self.training and self.track_running_stats:
                 assert self.running_mean is not None and self.running_var is not None
                 self.num_batches_tracked += 1
@@ -254,7 +273,7 @@ class BatchNorm:
                 )
         else:
             y, saved = _fixed("BatchNorm", x, self.running_mean, self.running_var, self.weight, self.bias,
-                              axis=self.axis, eps=self.eps)
+                              axis=self.axis, eps=self.eps, **fused)
         self._saved = saved
         return y
 
@@ -284,13 +303,17 @@ class BatchNorm:
     def backward(self, dy: Array) -> Array:
         """Gradient with respect to the input of the last forward pass.
 
-        Sets ``grad_weight`` and ``grad_bias`` (None when not affine) and returns ``dx``,
-        of the shape, dtype, namespace and device of that input. After a forward pass in
-        eval mode the statistics are constants and ``dx = dy * weight / sqrt(var + eps)``.
+        Sets ``grad_weight`` and ``grad_bias`` (None when not affine), and
+        ``grad_residual`` when the forward pass was given a residual (else None), and
+        returns ``dx``, of the shape, dtype, namespace and device of that input. After a
+        forward pass in eval mode the statistics are constants and
+        ``dx = dy * weight / sqrt(var + eps)``. With an ``activation``, ``dy`` is the
+        gradient of the activation's output.
         """
         if self._saved is None:
             raise ValueError("BatchNorm.backward: no forward pass to differentiate; call layer(x) first")
-        dx, self.grad_weight, self.grad_bias = batch_norm_backward(dy, self._saved)
+        dx, self.grad_weight, self.grad_bias, *rest = batch_norm_backward(dy, self._saved)
+        self.grad_residual = rest[0] if rest else None
         return dx
 
     # -- population statistics ----------------------------------------------------------
@@ -482,6 +505,7 @@ class BatchNorm:
             f"momentum={self.momentum}, affine={self.affine}, "
             f"track_running_stats={self.track_running_stats}, xp={library_name(self._xp)}"
             + ("" if self.virtual_batch_size is None else f", virtual_batch_size={self.virtual_batch_size}")
+            + ("" if self.activation is None else f", activation={self.activation!r}")
             + (", frozen" if self.frozen else "") + ")"
         )
 
