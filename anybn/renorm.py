@@ -250,10 +250,12 @@ class BatchRenorm(BatchNorm):
     def dmax(self, value: float) -> None:
         _, self._dmax = check_limits("BatchRenorm.dmax", 1.0, value)
 
-    def forward(self, x: Array) -> Array:
+    def forward(self, x: Array, residual: Array | None = None) -> Array:
         """Renormalize ``x`` in training mode, normalize with running statistics in eval mode."""
         if not self.training or self.population is not None or getattr(self, "frozen", False):
-            return super().forward(x)
+            return super().forward(x, residual)
+        if residual is not None or getattr(self, "activation", None) is not None:
+            raise ValueError("BatchRenorm: activation= and residual= are not available in training mode")
         self._check_input(x)
         assert self.running_mean is not None and self.running_var is not None
         y, saved = batch_renorm_train(x, self.weight, self.bias, self.running_mean, self.running_var,

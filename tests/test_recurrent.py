@@ -108,3 +108,15 @@ def test_errors():
         anybn.RecurrentBatchNorm(3, 2, momentum=None)
     with pytest.raises(TypeError, match="not kept per step"):
         layer.estimate_population([x])
+
+
+def test_docs_lstm_example_runs():
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).parent.parent / "docs" / "recurrent.md").read_text(encoding="utf-8")
+    example = re.findall(r"```python\n(.*?)```", page, re.S)[-1]
+    scope: dict = {}
+    exec(compile(example, "docs/recurrent.md", "exec"), scope)
+    assert scope["h"].shape == (32, 16)
+    assert scope["cell"].bn_x.running_mean.shape == (10, 64)

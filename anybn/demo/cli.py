@@ -11,12 +11,15 @@ from typing import Any
 
 from .data import Dataset, load_digits, load_mnist
 from .experiment import Config, import_backend, run_experiment
+from .renorm import SETTINGS, RenormConfig, plot_renorm, run_renorm_experiment
 
 __all__ = ["configure", "run"]
 
 _DEFAULTS = Config()
 RESULTS_NAME = "results.json"
 FIGURE_NAME = "figure1.png"
+RENORM_FIGURE_NAME = "renorm.png"
+_RENORM_DEFAULTS = RenormConfig()
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -34,8 +37,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "importable array-API module (default numpy)")
     parser.add_argument("--device", default=None,
                         help="device in the backend's terms, e.g. cuda:0 for torch (default: the backend's default)")
-    parser.add_argument("--steps", type=int, default=_DEFAULTS.steps,
-                        help=f"SGD steps, minibatches of {_DEFAULTS.batch_size} (default {_DEFAULTS.steps})")
+    parser.add_argument("--experiment", choices=("figure1", "renorm"), default="figure1",
+                        help="figure1: Figure 1 of the BN paper (default); renorm: BN against batch "
+                             "renormalization on 2-class minibatches, 3 seeds (Ioffe 2017), writes "
+                             f"{RESULTS_NAME} and {RENORM_FIGURE_NAME}")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"SGD steps, minibatches of {_DEFAULTS.batch_size} (default {_DEFAULTS.steps}; "
+                             f"{_RENORM_DEFAULTS.steps} for --experiment renorm)")
     parser.add_argument("--lr", type=float, default=_DEFAULTS.lr, help=f"learning rate (default {_DEFAULTS.lr})")
     parser.add_argument("--seed", type=int, default=_DEFAULTS.seed,
                         help=f"seed of the initial weights and the minibatches (default {_DEFAULTS.seed})")
@@ -60,8 +68,11 @@ def run(args: argparse.Namespace) -> int:
     Returns 0, or 2 after a message on stderr when an option, the data or the backend is
     unusable (checked before training starts).
     """
+    if getattr(args, "experiment", "figure1") == "renorm":
+        return _run_renorm(args)
     try:
-        config = Config(steps=args.steps, lr=args.lr, seed=args.seed, init_std=args.init_std,
+        steps = _DEFAULTS.steps if args.steps is None else args.steps
+        config = Config(steps=steps, lr=args.lr, seed=args.seed, init_std=args.init_std,
                         eval_every=args.eval_every, dtype=args.dtype)
         import_backend(args.backend)
         data = load_digits() if args.data is None else load_mnist(args.data)
@@ -86,6 +97,40 @@ def run(args: argparse.Namespace) -> int:
     figure_path = plot_figure1(results, out / FIGURE_NAME)
     print()
     print(format_table(results))
+    print()
+    print(f"trained in {elapsed:.1f} s; wrote {results_path} and {figure_path}")
+    return 0
+
+
+def _run_renorm(args: argparse.Namespace) -> int:
+    """``--experiment renorm``: BN and batch renorm on non-i.i.d. minibatches, over 3 seeds."""
+    try:
+        steps = _RENORM_DEFAULTS.steps if args.steps is None else args.steps
+        config = RenormConfig(steps=steps, lr=args.lr, init_std=args.init_std, dtype=args.dtype,
+                              seeds=tuple(args.seed + i for i in range(3)))
+        import_backend(args.backend)
+        data = load_digits() if args.data is None else load_mnist(args.data)
+    except ValueError as exc:
+        print(f"anybn demo: {exc}", file=sys.stderr)
+        return 2
+    _print_split(data)
+    print(f"backend {args.backend}, {config.dtype}; {config.steps} SGD steps, lr {config.lr}, minibatches of "
+          f"{config.batch_size} ({config.classes_per_batch} classes each for *_noniid), seeds {list(config.seeds)}")
+    start = time.perf_counter()
+    results = run_renorm_experiment(data, config, backend=args.backend, device=args.device, threads=args.threads,
+                                    show_progress=not args.no_progress)
+    elapsed = time.perf_counter() - start
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / RESULTS_NAME
+    results_path.write_text(json.dumps(results, indent=1) + "\n")
+    figure_path = plot_renorm(results, out / RENORM_FIGURE_NAME)
+    print()
+    print(f"{'test accuracy (running statistics)':<36}" + "".join(f"{'seed ' + str(s):>10}" for s in config.seeds)
+          + f"{'mean':>10}")
+    for setting in SETTINGS:
+        values = results["accuracy"][setting]
+        print(f"{setting:<36}" + "".join(f"{v:>10.4f}" for v in values) + f"{results['mean'][setting]:>10.4f}")
     print()
     print(f"trained in {elapsed:.1f} s; wrote {results_path} and {figure_path}")
     return 0
