@@ -71,9 +71,7 @@ def _in_process() -> tuple[bool, str]:
         return True, ""
     module = sys.modules.get("numba.cuda")
     if module is not None:
-        from numba.cuda.core import config
-
-        if config.ENABLE_CUDASIM:
+        if getattr(module.device_array, "__module__", "").startswith("numba.cuda.simulator"):
             return True, ""
         return False, "numba.cuda is already imported for a real GPU in this process"
     if os.path.exists("/dev/nvidiactl") or shutil.which("nvidia-smi"):
@@ -85,17 +83,16 @@ IN_PROCESS, WHY_NOT = _in_process()
 cuda: Any = None
 K: Any = None
 if IN_PROCESS:
-    # the simulator is read from the environment once, when numba.cuda is imported; the
-    # variable is restored after, so it does not leak into other tests' subprocesses
-    _saved = os.environ.get("NUMBA_ENABLE_CUDASIM")
+    # numba-cuda's config is numba.core.config, read from the environment when numba is
+    # imported and again at every CPU compilation (reload_config); numba.cuda picks the
+    # simulator when imported, and cuda.jit checks the flag again at each kernel it builds.
+    # So the variable stays set for the rest of this process (subprocesses that need the
+    # real target drop it, as tests/test_pipeline.py does), and the config is reloaded now
+    # in case numba was imported before this module.
     os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
-    try:
-        cuda = pytest.importorskip("numba.cuda", reason="numba-cuda is not installed")
-    finally:
-        if _saved is None:
-            del os.environ["NUMBA_ENABLE_CUDASIM"]
-        else:
-            os.environ["NUMBA_ENABLE_CUDASIM"] = _saved
+    if "numba.core.config" in sys.modules:
+        sys.modules["numba.core.config"].reload_config()
+    cuda = pytest.importorskip("numba.cuda", reason="numba-cuda is not installed")
     # numba's own deprecated numba.cuda (without numba-cuda) lacks what the kernels import
     K = pytest.importorskip("anybn._fast._cuda_kernels", reason="numba-cuda is not installed")
 
