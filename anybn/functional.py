@@ -19,6 +19,7 @@ from . import _fast
 from ._checks import check_eps, check_feature_vector, check_floating, check_real
 from ._kernels import ACTIVATIONS, GENERIC, Activation, Kernels
 from ._layout import Layout, layout_of
+from ._moments import GradSums, Sums
 from ._namespace import Array, Namespace, compute_dtype, device_of, namespace_of
 from ._saved import BatchNormSaved
 from ._steps import (
@@ -234,39 +235,54 @@ def _ghost_train(
     fn: str, xp: Namespace, x: Array, layout: Layout, weight: Array | None, bias: Array | None, eps: float,
     virtual_batch_size: Any,
 ) -> tuple[Array, BatchNormSaved]:
-    """Ghost batch normalization: reductions and coefficients per chunk, one grouped apply.
+    """Ghost batch normalization: each chunk of the batch axis with its own statistics.
 
-    Where the features are not innermost (``inner > 1``: NCHW) the apply is one pass over x
-    with per-(sample, feature) coefficients (:func:`_grouped`); channels-last and (N, C)
-    inputs take each chunk's apply and concatenate the chunks.
+    Where the features are not innermost (``inner > 1``: NCHW) the reductions and the apply
+    are one pass each over x seen as ``outer * C`` planes (:func:`_grouped`): per-plane sums,
+    merged per (chunk, feature) in O(outer * C), and per-plane coefficients. Channels-last
+    and (N, C) inputs reduce each chunk (a contiguous slice) and apply each chunk, then
+    concatenate the chunks.
     """
     chunk, groups = _ghost_layout(fn, layout, virtual_batch_size)
     v = chunk.shape[0]
     kernels = _fast.kernels_for("train", xp, x)  # a C-contiguous x has C-contiguous chunks
-    coefs, scratch, saves = [], [], []
-    for g in range(groups):
-        xg = x[g * v : (g + 1) * v, ...]
-        # reductions
-        sums = kernels.moments(xp, xg, chunk)
-        # coefficients
-        stats = stats_from_sums(xp, sums)
-        coef = train_coefficients(xp, stats, weight, bias, eps)
-        coefs.append(coef)
-        scratch.append(sums.scratch)
-        saves.append(_batch_saved(xp, xg, chunk, stats, coef, weight, bias, eps))
-    # apply
+    if groups == 1:  # one chunk: the whole batch
+        return _train_stages(xp, x, layout, kernels, weight, bias, eps)
     if layout.inner > 1:
         grouped = _grouped(layout, groups)
-        pivot, scale, shift = (_expand(xp, [getattr(c, f) for c in coefs], layout, groups)
-                               for f in ("pivot", "scale", "shift"))
-        y = kernels.apply(xp, x, grouped, pivot, scale, shift)
+        # reductions: per plane, merged per (chunk, feature)
+        planes = kernels.moments(xp, x, grouped)
+        sums = _merge_planes(xp, planes, layout, groups)
+        # coefficients, (G, C)
+        stats = stats_from_sums(xp, sums)
+        coef = train_coefficients(xp, stats, weight, bias, eps)
+        # apply: centered on each plane's own pivot (the reductions' scratch is x minus it)
+        scale = _expand(xp, coef.scale, layout, groups)
+        shift = _expand(xp, coef.shift, layout, groups) + (planes.pivot - _expand(xp, coef.pivot, layout, groups)) * scale
+        y = kernels.apply(xp, x, grouped, planes.pivot, scale, shift, scratch=planes.scratch)
+        saves = [
+            _batch_saved(xp, x[g * v : (g + 1) * v, ...], chunk,
+                         Stats(sums.count, stats.pivot[g, :], stats.delta[g, :], stats.var[g, :]),
+                         Applied(coef.pivot[g, :], coef.scale[g, :], coef.shift[g, :], coef.invstd[g, :]),
+                         weight, bias, eps)
+            for g in range(groups)
+        ]
     else:
-        ys = [kernels.apply(xp, x[g * v : (g + 1) * v, ...], chunk, c.pivot, c.scale, c.shift, scratch=sc)
-              for g, (c, sc) in enumerate(zip(coefs, scratch))]
+        ys, saves = [], []
+        for g in range(groups):
+            xg = x[g * v : (g + 1) * v, ...]
+            # reductions
+            chunk_sums = kernels.moments(xp, xg, chunk)
+            # coefficients
+            chunk_stats = stats_from_sums(xp, chunk_sums)
+            c = train_coefficients(xp, chunk_stats, weight, bias, eps)
+            # apply
+            ys.append(kernels.apply(xp, xg, chunk, c.pivot, c.scale, c.shift, scratch=chunk_sums.scratch))
+            saves.append(_batch_saved(xp, xg, chunk, chunk_stats, c, weight, bias, eps))
         y = xp.concat(ys, axis=0) if groups > 1 else ys[0]
     mean, var = saves[0].mean, saves[0].var
-    for s in saves[1:]:
-        mean, var = mean + s.mean, var + s.var
+    for part in saves[1:]:
+        mean, var = mean + part.mean, var + part.var
     mean, var = mean / groups, var / groups
     saved = BatchNormSaved(
         x=x,
@@ -284,6 +300,22 @@ def _ghost_train(
     return y, saved
 
 
+def _merge_planes(xp: Namespace, planes: Sums, layout: Layout, groups: int) -> Sums:
+    """Per-plane shifted sums merged into per-(chunk, feature) ones, shape (G, C).
+
+    Each chunk's sums are re-centered on its first plane's pivot p: with e = pivot - p,
+    sum(x - p) = s1 + n e and sum((x - p)**2) = s2 + 2 e s1 + n e**2 over each plane's n
+    values. e is a difference of two samples of the chunk: small against its spread.
+    """
+    shape = (groups, layout.outer // groups, layout.features)
+    n = planes.count
+    pivot = xp.reshape(planes.pivot, shape)
+    s1, s2 = xp.reshape(planes.s1, shape), xp.reshape(planes.s2, shape)
+    p = pivot[:, 0, :]
+    e = pivot - xp.reshape(p, (groups, 1, layout.features))
+    return Sums(n * shape[1], p, xp.sum(s1 + n * e, axis=1), xp.sum(s2 + (2.0 * s1 + n * e) * e, axis=1))
+
+
 def _grouped(layout: Layout, groups: int) -> Layout:
     """x of ``layout`` (inner > 1) seen as one sample of ``outer * C`` features.
 
@@ -293,9 +325,9 @@ def _grouped(layout: Layout, groups: int) -> Layout:
     return layout._replace(outer=1, features=layout.outer * layout.features)
 
 
-def _expand(xp: Namespace, per_group: list[Array], layout: Layout, groups: int) -> Array:
-    """(C,) vectors of the ``groups`` chunks as one (outer * C,) vector for :func:`_grouped`."""
-    table = xp.reshape(xp.stack(per_group), (groups, 1, layout.features))
+def _expand(xp: Namespace, table: Array, layout: Layout, groups: int) -> Array:
+    """A (G, C) table of the chunks' coefficients as one (outer * C,) vector for :func:`_grouped`."""
+    table = xp.reshape(table, (groups, 1, layout.features))
     table = xp.broadcast_to(table, (groups, layout.outer // groups, layout.features))
     return xp.reshape(table, (layout.outer * layout.features,))
 
@@ -535,40 +567,49 @@ def _backward_stages(
 def _ghost_backward(
     xp: Namespace, dy: Array, saved: BatchNormSaved, kernels: Kernels
 ) -> tuple[Array, Array | None, Array | None]:
-    """Reductions and coefficients per chunk, one grouped apply (as :func:`_ghost_train`).
+    """Each chunk's backward, with the grouping of :func:`_ghost_train`.
 
-    The parameter gradients are the sums of the chunks'.
+    ``inner > 1``: one reduction pass over the ``outer * C`` planes (summed per chunk and
+    feature), the coefficients per chunk, one apply pass. Otherwise chunk by chunk. The
+    parameter gradients are the sums of the chunks'.
     """
     assert saved.groups is not None and saved.layout is not None
     layout, groups, x = saved.layout, len(saved.groups), saved.x
     dtype = kernels.coefficient_dtype(xp, x)
-    coefs, scratch, pivots = [], [], []
-    dweight = dbias = None
-    start = 0
-    for part in saved.groups:
-        stop = start + part.x.shape[0]
-        assert part.layout is not None and part.pivot is not None
-        # reductions
-        sums = kernels.grad_sums(xp, part.x, dy[start:stop, ...], part.layout, part.pivot)
-        # coefficients
-        coef = backward_coefficients(xp, part, sums, dtype)
-        coefs.append(coef)
-        scratch.append(sums.scratch)
-        pivots.append(_as(xp, part.pivot, dtype))
-        dweight = coef.dweight if dweight is None else dweight + coef.dweight
-        dbias = coef.dbias if dbias is None else dbias + coef.dbias
-        start = stop
-    # apply
+    v = saved.groups[0].x.shape[0]
+    parts = saved.groups
     if layout.inner > 1:
-        a, b, k = (_expand(xp, [getattr(c, f) for c in coefs], layout, groups) for f in ("a", "b", "k"))
-        dx = kernels.grad_apply(xp, x, dy, _grouped(layout, groups), _expand(xp, pivots, layout, groups),
-                                a, b, k)
+        grouped = _grouped(layout, groups)
+        pivot = _expand(xp, xp.stack([_as(xp, part.pivot, dtype) for part in parts]), layout, groups)
+        # reductions: per plane, summed per (chunk, feature)
+        planes = kernels.grad_sums(xp, x, dy, grouped, pivot)
+        shape = (groups, layout.outer // groups, layout.features)
+        sum_dy = xp.sum(xp.reshape(planes.sum_dy, shape), axis=1)
+        sum_dy_d = xp.sum(xp.reshape(planes.sum_dy_d, shape), axis=1)
+        # coefficients, per chunk
+        coefs = [backward_coefficients(xp, part, GradSums(sum_dy[g, :], sum_dy_d[g, :]), dtype)
+                 for g, part in enumerate(parts)]
+        # apply
+        a, b, k = (_expand(xp, xp.stack([getattr(c, f) for c in coefs]), layout, groups) for f in ("a", "b", "k"))
+        dx = kernels.grad_apply(xp, x, dy, grouped, pivot, a, b, k, scratch=planes.scratch)
     else:
-        v = saved.groups[0].x.shape[0]
-        dxs = [kernels.grad_apply(xp, part.x, dy[g * v : (g + 1) * v, ...], part.layout, part.pivot, c.a, c.b, c.k,
-                                  scratch=sc)
-               for g, (part, c, sc) in enumerate(zip(saved.groups, coefs, scratch))]
+        dxs, coefs = [], []
+        for g, part in enumerate(parts):
+            assert part.layout is not None
+            dyg = dy[g * v : (g + 1) * v, ...]
+            # reductions
+            sums = kernels.grad_sums(xp, part.x, dyg, part.layout, part.pivot)
+            # coefficients
+            c = backward_coefficients(xp, part, sums, dtype)
+            coefs.append(c)
+            # apply
+            dxs.append(kernels.grad_apply(xp, part.x, dyg, part.layout, part.pivot, c.a, c.b, c.k,
+                                          scratch=sums.scratch))
         dx = xp.concat(dxs, axis=0) if groups > 1 else dxs[0]
+    dweight, dbias = coefs[0].dweight, coefs[0].dbias
+    for c in coefs[1:]:
+        dweight = None if dweight is None else dweight + c.dweight
+        dbias = None if dbias is None else dbias + c.dbias
     return dx, dweight, dbias
 
 

@@ -44,7 +44,10 @@ def test_equals_batch_norm_per_chunk(backend, shape, axis, v, dtype):
     assert_close(backend.to_numpy(dx), np.concatenate([p[0] for p in parts]), rtol_dx)
     assert_close(backend.to_numpy(dw), sum(p[1] for p in parts), rtol_dx)
     assert_close(backend.to_numpy(db), sum(p[2] for p in parts), rtol_dx)
-    assert len(saved.groups) == shape[0] // v
+    if v == shape[0]:
+        assert saved.groups is None  # one chunk: plain batch normalization
+    else:
+        assert len(saved.groups) == shape[0] // v
 
 
 def test_backward_matches_finite_differences(backend):
@@ -124,3 +127,18 @@ def test_whole_batch_is_plain_batch_norm():
     y, _ = anybn.batch_norm_train(x, virtual_batch_size=64)
     y0, _ = anybn.batch_norm_train(x)
     np.testing.assert_array_equal(y, y0)
+
+
+@pytest.mark.parametrize("shape, axis", [((8, 3, 6, 5), 1), ((8, 6, 5, 3), -1)])
+def test_float32_far_from_zero(backend, shape, axis):
+    """mean/std = 1e4 in float32: each chunk within 1e-4 of float64, as plain BN promises."""
+    x = (1e4 + make_data(shape, seed=7)).astype(np.float32)
+    x64 = x.astype(np.float64)
+    y, saved = anybn.batch_norm_train(backend.asarray(x), axis=axis, virtual_batch_size=2)
+    expected = np.concatenate(_per_chunk(reference_batch_norm, x64, 2, axis))
+    np.testing.assert_allclose(backend.to_numpy(y), expected, atol=1e-4)
+    dy = make_data(shape, seed=8).astype(np.float32)
+    dx, _, _ = anybn.batch_norm_backward(backend.asarray(dy), saved)
+    rdx = np.concatenate([reference_backward(x64[i : i + 2], dy[i : i + 2].astype(np.float64), axis)[0]
+                          for i in range(0, shape[0], 2)])
+    np.testing.assert_allclose(backend.to_numpy(dx), rdx, atol=1e-4 * np.abs(rdx).max())
