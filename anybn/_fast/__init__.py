@@ -16,6 +16,10 @@ Registered paths:
 
 - ``cpu``: NumPy float32/float64, C-contiguous, fused numba kernels on threads
   (``pip install "anybn[fast]"``).
+- ``cuda``: CuPy float16/float32/float64, C-contiguous, above a size threshold: numba-cuda
+  kernels on CuPy's current stream, arrays passed through ``__cuda_array_interface__``
+  without copies (``pip install numba-cuda`` beside CuPy). Tested under numba-cuda's
+  simulator (``pytest -m cuda_sim``); the threshold awaits a GPU measurement.
 """
 
 from __future__ import annotations
@@ -47,6 +51,10 @@ def _build_registry() -> tuple[Kernels, ...]:
         from .cpu import CpuPath
 
         paths.append(CpuPath())
+    if _installed("cupy") and _installed("numba_cuda"):
+        from .cuda import CudaKernels
+
+        paths.append(CudaKernels())
     return tuple(paths)
 
 
