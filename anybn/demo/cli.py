@@ -11,6 +11,7 @@ from typing import Any
 
 from .data import Dataset, load_digits, load_mnist
 from .experiment import Config, import_backend, run_experiment
+from .parallel import mpi_communicator, shares
 from .renorm import SETTINGS, RenormConfig, plot_renorm, run_renorm_experiment
 
 __all__ = ["configure", "run"]
@@ -60,6 +61,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="DIR", default="demo-output",
                         help="output directory (default demo-output)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--sync", action="store_true",
+                        help="train data-parallel over the MPI ranks (mpiexec -n K python -m anybn demo "
+                             "--sync): each minibatch split unevenly across ranks, synchronized batch norm, "
+                             "summed gradients; rank 0 evaluates and writes the files")
+    parser.add_argument("--save-params", metavar="PATH", default=None,
+                        help="also write the final parameters of both networks to PATH (.npz, float64), "
+                             "to compare runs")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,25 +76,40 @@ def run(args: argparse.Namespace) -> int:
     Returns 0, or 2 after a message on stderr when an option, the data or the backend is
     unusable (checked before training starts).
     """
+    sync = getattr(args, "sync", False)
+    if sync and getattr(args, "experiment", "figure1") != "figure1":
+        print("anybn demo: --sync runs --experiment figure1 only", file=sys.stderr)
+        return 2
     if getattr(args, "experiment", "figure1") == "renorm":
         return _run_renorm(args)
+    comm = None
     try:
         steps = _DEFAULTS.steps if args.steps is None else args.steps
         config = Config(steps=steps, lr=args.lr, seed=args.seed, init_std=args.init_std,
                         eval_every=args.eval_every, dtype=args.dtype)
         import_backend(args.backend)
+        comm = mpi_communicator(args.backend) if sync else None
         data = load_digits() if args.data is None else load_mnist(args.data)
     except ValueError as exc:
-        print(f"anybn demo: {exc}", file=sys.stderr)
+        if comm is None or comm.rank == 0:  # every rank meets the same error: one message
+            print(f"anybn demo: {exc}", file=sys.stderr)
         return 2
-    _print_split(data)
-    print(f"backend {args.backend}, {config.dtype}; {config.steps} SGD steps, lr {config.lr}, minibatches "
-          f"of {config.batch_size}, initial weights N(0, {config.init_std}^2), seed {config.seed}")
+    lead = comm is None or comm.rank == 0  # only rank 0 prints and writes
+    if lead:
+        _print_split(data)
+        print(f"backend {args.backend}, {config.dtype}; {config.steps} SGD steps, lr {config.lr}, minibatches "
+              f"of {config.batch_size}, initial weights N(0, {config.init_std}^2), seed {config.seed}")
+    if lead and comm is not None:
+        print(f"data-parallel over {comm.size} MPI ranks: rows per rank of each minibatch "
+              f"{shares(config.batch_size, comm.size)}")
 
     start = time.perf_counter()
     results = run_experiment(data, config, backend=args.backend, device=args.device, threads=args.threads,
-                             show_progress=not args.no_progress)
+                             show_progress=not args.no_progress, comm=comm,
+                             save_params=getattr(args, "save_params", None))
     elapsed = time.perf_counter() - start
+    if results is None:  # a rank other than 0 of --sync
+        return 0
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -23,8 +24,10 @@ import numpy as np
 
 from .. import testing
 from .._progress import progress
+from ..distributed import synchronize
 from .data import Dataset
 from .mlp import MLP, init_weights, softmax_cross_entropy
+from .parallel import all_reduce_gradients, share, shares
 
 __all__ = ["Config", "import_backend", "percentiles", "run_experiment"]
 
@@ -183,7 +186,9 @@ def run_experiment(
     device: Any = None,
     threads: int = 1,
     show_progress: bool = False,
-) -> dict[str, Any]:
+    comm: Any = None,
+    save_params: str | Path | None = None,
+) -> dict[str, Any] | None:
     """Train the two networks and return the results (the content of results.json).
 
     Parameters
@@ -200,22 +205,55 @@ def run_experiment(
         small: on 2 shared cores, 10,000 MNIST steps took 14 s with one thread and
         60-250 s with two competing for the cores.
     show_progress : bool
-        Draw a progress bar on stderr.
+        Draw a progress bar on stderr (on rank 0 only, with ``comm``).
+    comm : anybn.distributed.Communicator, optional
+        Train data-parallel over the ranks of ``comm`` (every rank calls this function
+        with the same arguments). Each rank draws the same minibatches and trains on its
+        own rows of each (:func:`anybn.demo.parallel.share`: 10, 20 and 30 of 60 on 3
+        ranks); the batch norms normalize with the statistics of the global minibatch;
+        each rank's loss is divided by the global minibatch size and one all-reduce per
+        network and step sums the gradients (:func:`anybn.demo.parallel.all_reduce_gradients`).
+        Rank 0 alone evaluates (eval mode makes no collective) and returns the results;
+        the other ranks return None. The trained parameters equal the single-process ones
+        up to rounding.
+    save_params : str or Path, optional
+        Write the final parameters of both networks (and the batch norms' running
+        statistics, before the population estimate) to this ``.npz`` file, as float64
+        NumPy arrays named ``bn.weights.0``, ``bn.norms.0.weight``, ``plain.biases.3``, ...
+        (rank 0 only, with ``comm``), for comparing runs.
 
     Returns
     -------
     dict with ``curves`` (per network: ``step``, ``test_accuracy``, ``train_loss``, the mean
     training loss since the previous evaluation), ``percentiles`` (per network: ``step``,
     ``p15``, ``p50``, ``p85``), ``final`` (``bn``: ``running`` and ``population`` test
-    accuracy; ``plain``), and ``config``, ``data``, ``backend``, ``sigmoid_unit``. The same
-    inputs give the same dict.
+    accuracy; ``plain``), and ``config``, ``data``, ``backend``, ``sigmoid_unit``, and with
+    ``comm`` also ``data_parallel`` (``ranks``, ``shares``: the rows of each rank per
+    minibatch). The same inputs give the same dict. None on the ranks other than 0.
     """
     be = _backend(import_backend(backend), config.dtype, device)
     with _thread_limit(threads):
-        return _run(data, config, be, show_progress)
+        return _run(data, config, be, show_progress, comm, save_params)
 
 
-def _run(data: Dataset, config: Config, be: testing.Backend, show_progress: bool) -> dict[str, Any]:
+def _parameters(be: testing.Backend, nets: dict[str, MLP]) -> dict[str, np.ndarray]:
+    """Every parameter (and running statistic) of ``nets`` as float64 NumPy arrays, by name."""
+    params: dict[str, np.ndarray] = {}
+    for name, net in nets.items():
+        for i, w in enumerate(net.weights):
+            params[f"{name}.weights.{i}"] = be.to_numpy(w).astype(np.float64)
+        for i, b in enumerate(net.biases):
+            if b is not None:
+                params[f"{name}.biases.{i}"] = be.to_numpy(b).astype(np.float64)
+        for i, norm in enumerate(net.norms):
+            for key in _NORM_STATE:
+                params[f"{name}.norms.{i}.{key}"] = be.to_numpy(getattr(norm, key)).astype(np.float64)
+    return params
+
+
+def _run(
+    data: Dataset, config: Config, be: testing.Backend, show_progress: bool, comm: Any, save_params: str | Path | None
+) -> dict[str, Any] | None:
     xp = be.xp
     rng = np.random.default_rng(config.seed)
     sizes = (data.num_features, *config.hidden, data.num_classes)
@@ -231,6 +269,11 @@ def _run(data: Dataset, config: Config, be: testing.Backend, show_progress: bool
     n_train, batch = data.x_train.shape[0], config.batch_size
     if batch > n_train:
         raise ValueError(f"run_experiment: batch_size {batch} exceeds the {n_train} training examples")
+    # this rank's rows of every minibatch; every rank draws the same minibatches from rng
+    start, stop = (0, batch) if comm is None else share(batch, comm.rank, comm.size)
+    lead = comm is None or comm.rank == 0  # evaluates, shows progress, returns the results
+    if comm is not None:
+        synchronize(nets["bn"], comm)
     per_epoch = n_train // batch  # the remainder of each shuffled epoch is left out
 
     curves: dict[str, dict[str, list[Any]]] = {
@@ -252,31 +295,45 @@ def _run(data: Dataset, config: Config, be: testing.Backend, show_progress: bool
 
     for name, net in nets.items():
         net.train()
-        record(0, name, None)
+        if lead:
+            record(0, name, None)
 
     lazy = array_api_compat.is_dask_namespace(xp)
     order: Array = None
     last_evaluated = 0
-    for step in progress(range(1, config.steps + 1), total=config.steps, desc="training", enabled=show_progress):
+    steps = range(1, config.steps + 1)
+    for step in progress(steps, total=config.steps, desc="training", enabled=show_progress and lead):
         position = (step - 1) % per_epoch
         if position == 0:
             order = be.asarray(rng.permutation(n_train)[: per_epoch * batch])
-        indices = order[position * batch : (position + 1) * batch]
+        indices = order[position * batch + start : position * batch + stop]
         xb, yb = xp.take(x_train, indices, axis=0), xp.take(y_train, indices, axis=0)
         for name, net in nets.items():
-            loss, dlogits = softmax_cross_entropy(net(xb), yb)
+            # divided by the global minibatch size: the ranks' terms sum to the mean loss
+            loss, dlogits = softmax_cross_entropy(net(xb), yb, total=batch)
             net.backward(dlogits)
+            if comm is not None:
+                loss = all_reduce_gradients(net, comm, loss)
             net.sgd_step(config.lr)
             loss_sums[name] = loss_sums[name] + loss  # an array: no device sync every step
             if lazy:
                 loss_sums[name] = _persist(net, loss_sums[name])
         if step % every == 0 or step == config.steps:
             for name in nets:
-                record(step, name, float(loss_sums[name]) / (step - last_evaluated))
+                if lead:
+                    record(step, name, float(loss_sums[name]) / (step - last_evaluated))
                 loss_sums[name] = 0.0
             last_evaluated = step
 
+    if not lead:
+        return None
+    if save_params is not None:
+        Path(save_params).parent.mkdir(parents=True, exist_ok=True)
+        with open(save_params, "wb") as file:  # the very path given (np.savez would add .npz)
+            np.savez(file, **_parameters(be, nets))
     bn, plain = nets["bn"], nets["plain"]
+    if comm is not None:
+        synchronize(bn, None)  # rank 0 alone estimates the population statistics
     running = _accuracy(xp, bn.eval()(x_test), y_test)
     # Algorithm 2: statistics over one pass of training minibatches of the training size
     bn.estimate_population((x_train[i * batch : (i + 1) * batch, :] for i in range(per_epoch)), method="paper")
@@ -286,6 +343,7 @@ def _run(data: Dataset, config: Config, be: testing.Backend, show_progress: bool
         "config": {**asdict(config), "hidden": list(config.hidden), "eval_every": every},
         "data": data.describe(),
         "sigmoid_unit": {"layer": len(config.hidden), "index": config.unit},
+        **({} if comm is None else {"data_parallel": {"ranks": comm.size, "shares": shares(batch, comm.size)}}),
         "curves": curves,
         "percentiles": bands,
         "final": {

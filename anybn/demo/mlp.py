@@ -42,30 +42,35 @@ def sigmoid(z: Array) -> Array:
     return 0.5 * (xp.tanh(0.5 * z) + 1.0)
 
 
-def softmax_cross_entropy(logits: Array, labels: Array) -> tuple[Array, Array]:
+def softmax_cross_entropy(logits: Array, labels: Array, *, total: int | None = None) -> tuple[Array, Array]:
     """Mean softmax cross-entropy and its gradient with respect to ``logits``.
 
     Parameters
     ----------
     logits : array, shape (N, K), real floating dtype
     labels : array, shape (N,), integer dtype, values in [0, K); same namespace and device
+    total : int, optional
+        The number of examples the mean is over (default N). Data parallel, each rank
+        passes the global minibatch size: its rows' terms, summed over ranks, are then the
+        global mean and its gradient.
 
     Returns
     -------
-    loss : 0-d array of the dtype of ``logits``
-    dlogits : array, shape (N, K): ``(softmax(logits) - onehot(labels)) / N``
+    loss : 0-d array of the dtype of ``logits``: the sum of the rows' losses / ``total``
+    dlogits : array, shape (N, K): ``(softmax(logits) - onehot(labels)) / total``
     """
     xp = array_api_compat.array_namespace(logits, labels)
-    n, k = logits.shape
+    k = logits.shape[1]
+    n = logits.shape[0] if total is None else total
     classes = xp.arange(k, dtype=labels.dtype, device=array_api_compat.device(labels))
     onehot = xp.astype(xp.expand_dims(labels, axis=1) == classes, logits.dtype)
     # log-sum-exp shifted by the row maximum: exp never overflows
     shifted = logits - xp.max(logits, axis=1, keepdims=True)
     exp = xp.exp(shifted)
-    total = xp.sum(exp, axis=1, keepdims=True)
-    log_probs = shifted - xp.log(total)
+    row_sums = xp.sum(exp, axis=1, keepdims=True)
+    log_probs = shifted - xp.log(row_sums)
     loss = -xp.sum(onehot * log_probs) / n
-    dlogits = (exp / total - onehot) / n
+    dlogits = (exp / row_sums - onehot) / n
     return loss, dlogits
 
 
