@@ -173,7 +173,7 @@ class RecurrentBatchNorm(BatchNorm):
                         "step; train with the running averages")
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Load a state saved by :meth:`state_dict`: running statistics of shape (max_steps, C)."""
+        """Load a state saved by ``state_dict()``: running statistics of shape (max_steps, C)."""
         fn = "RecurrentBatchNorm.load_state_dict"
         if not isinstance(state, Mapping):
             raise TypeError(f"{fn}: state must be a mapping of names to arrays, got {type(state).__name__}")

@@ -54,7 +54,7 @@ def _cases(shape: tuple[int, ...], axis: int, groups: int) -> dict[str, tuple[st
         f"ghost backward (G={groups})": ("bn backward", lambda: anybn.batch_norm_backward(dy, ghost)),
         "eval": ("eval", lambda: anybn.batch_norm_eval(x, rm, rv, w, b, axis=axis)),
         "frozen forward": ("eval", lambda: anybn.batch_norm_fixed(x, rm, rv, w, b, axis=axis)),
-        "frozen backward": ("eval", lambda: anybn.batch_norm_backward(dy, frozen)),
+        "frozen backward": ("bn backward", lambda: anybn.batch_norm_backward(dy, frozen)),
     }
 
 
