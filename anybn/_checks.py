@@ -66,7 +66,7 @@ def check_real(fn: str, name: str, value: Any, expected: str = "a float") -> flo
 
 def check_eps(fn: str, eps: Any) -> float:
     """``eps`` as a finite float > 0."""
-    value = check_real(fn, "eps", eps)
+    value = eps if type(eps) is float else check_real(fn, "eps", eps)
     if not value > 0:  # also rejects nan
         raise ValueError(f"{fn}: eps must be > 0, got {value}")
     if not math.isfinite(value):  # inf would normalize everything to 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, NoReturn
 
 import array_api_compat
+import numpy  # a hard dependency, and the default backend
 
 Array = Any
 Namespace = Any
@@ -54,6 +55,9 @@ def namespace_of(fn: str, **arrays: Array | None) -> Namespace:
     JAX itself places what a traced function captures.
     """
     present = [(name, a) for name, a in arrays.items() if a is not None]
+    # plain NumPy arrays, the common case: skip array_namespace's general search (~4 us)
+    if present and all(type(a) is _ndarray for _, a in present):
+        return _numpy_namespace()
     try:
         xp = array_api_compat.array_namespace(*(a for _, a in present))
     except TypeError:
@@ -72,6 +76,16 @@ def namespace_of(fn: str, **arrays: Array | None) -> Namespace:
                     f"({ref_device!r})"
                 )
     return xp
+
+
+_ndarray = numpy.ndarray
+_NUMPY: list[Namespace] = []
+
+
+def _numpy_namespace() -> Namespace:
+    if not _NUMPY:
+        _NUMPY.append(array_api_compat.array_namespace(numpy.empty(0)))
+    return _NUMPY[0]
 
 
 def _single_device(xp: Namespace) -> bool:
