@@ -260,11 +260,12 @@ def _ghost_train(
         scale = _expand(xp, coef.scale, layout, groups)
         shift = _expand(xp, coef.shift, layout, groups) + (planes.pivot - _expand(xp, coef.pivot, layout, groups)) * scale
         y = kernels.apply(xp, x, grouped, planes.pivot, scale, shift, scratch=planes.scratch)
+        table = _batch_saved(xp, x, chunk, stats, coef, weight, bias, eps)  # (G, C) statistics, cast once
         saves = [
-            _batch_saved(xp, x[g * v : (g + 1) * v, ...], chunk,
-                         Stats(sums.count, stats.pivot[g, :], stats.delta[g, :], stats.var[g, :]),
-                         Applied(coef.pivot[g, :], coef.scale[g, :], coef.shift[g, :], coef.invstd[g, :]),
-                         weight, bias, eps)
+            BatchNormSaved(x=x[g * v : (g + 1) * v, ...], mean=table.mean[g, :], invstd=table.invstd[g, :],
+                           var=table.var[g, :], weight=weight, has_bias=bias is not None, axis=layout.axis,
+                           eps=eps, count=chunk.per_feature, pivot=table.pivot[g, :], delta=table.delta[g, :],
+                           layout=chunk)
             for g in range(groups)
         ]
     else:
