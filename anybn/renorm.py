@@ -22,7 +22,7 @@ from ._checks import check_real
 from ._namespace import Array, Namespace, compute_dtype
 from ._saved import BatchNormSaved
 from ._steps import stats_from_sums, train_coefficients
-from .functional import _batch_saved, _validated, update_running_stats
+from .functional import _batch_saved, _validated, batch_norm_train, update_running_stats
 from .layer import BatchNorm
 
 __all__ = ["BatchRenorm", "batch_renorm_train", "renorm_limits"]
@@ -88,7 +88,8 @@ def batch_renorm_train(
     y : array, same shape, dtype, namespace and device as ``x``.
     saved : BatchNormSaved
         As from :func:`anybn.batch_norm_train` (batch mean and variance, for the running
-        statistics), with ``r`` and ``d`` of shape (C,) in the compute dtype.
+        statistics), with ``r`` and ``d`` of shape (C,) in the compute dtype; with
+        ``rmax=1, dmax=0`` it is :func:`anybn.batch_norm_train`'s own (``r = d = None``).
     """
     fn = "batch_renorm_train"
     rmax, dmax = check_limits(fn, rmax, dmax)
@@ -99,6 +100,8 @@ def batch_renorm_train(
             f"{fn}: expected more than 1 value per feature when training, got x.shape = "
             f"{layout.shape} ({layout.per_feature} value(s) per feature along axis {layout.axis})"
         )
+    if rmax == 1.0 and dmax == 0.0:  # r = 1, d = 0: batch normalization, the very same call
+        return batch_norm_train(x, weight, bias, axis=axis, eps=eps)
     kernels = _fast.kernels_for("train", xp, x)  # the stages only: no whole-step shortcut
     # reductions
     sums = kernels.moments(xp, x, layout)

@@ -118,6 +118,7 @@ def test_backward_matches_finite_differences(backend, shape, axis):
 
 @pytest.mark.parametrize("shape, axis", [((16, 5), 1), ((64, 8, 32, 32), 1), ((64, 16, 16, 8), -1)])
 def test_rmax_1_dmax_0_is_batch_norm_exactly(numpy_path, shape, axis):
+    # small shapes take the fast path's whole-step kernels, large ones the stages
     x = make_data(shape, mean=3.0, std=2.0, seed=5).astype(np.float32)
     c = shape[axis]
     w, b = np.linspace(0.5, 1.5, c, dtype=np.float32), np.linspace(-1, 1, c, dtype=np.float32)
@@ -127,15 +128,22 @@ def test_rmax_1_dmax_0_is_batch_norm_exactly(numpy_path, shape, axis):
     dy = make_data(shape, seed=6).astype(np.float32)
     dx, dw, db = anybn.batch_norm_backward(dy, saved)
     dx0, dw0, db0 = anybn.batch_norm_backward(dy, saved0)
-    if x.nbytes >= 1 << 19 or numpy_path == "generic":  # both through the stages: the same arithmetic
-        np.testing.assert_array_equal(y, y0)
-        np.testing.assert_array_equal(dx, dx0)
-        np.testing.assert_array_equal(db, db0)
-        np.testing.assert_allclose(dw, dw0, rtol=1e-15)  # r * sum + d * sum: r = 1, d = 0
-    else:  # plain BN takes the whole-step kernel on small inputs: equal to rounding
-        np.testing.assert_allclose(y, y0, rtol=1e-6, atol=1e-6)
-        np.testing.assert_allclose(dx, dx0, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(y, y0)
+    np.testing.assert_array_equal(dx, dx0)
+    np.testing.assert_array_equal(dw, dw0)
+    np.testing.assert_array_equal(db, db0)
     np.testing.assert_array_equal(saved.mean, saved0.mean)
+
+
+def test_rmax_1_dmax_0_stages_equal_batch_norm_stages(monkeypatch):
+    """Through the renorm stages (rmax=1 exactly, dmax a denormal above 0): the same bits."""
+    monkeypatch.setenv("ANYBN_FAST_PATHS", "0")
+    x, dy, w, b, rm, rv = _case((64, 8, 5), 1, seed=11)
+    y, saved = anybn.batch_renorm_train(x, w, b, rm, rv, rmax=1.0, dmax=5e-324)
+    y0, saved0 = anybn.batch_norm_train(x, w, b)
+    assert saved.r is not None
+    np.testing.assert_array_equal(y, y0)
+    np.testing.assert_array_equal(anybn.batch_norm_backward(dy, saved)[0], anybn.batch_norm_backward(dy, saved0)[0])
 
 
 def test_planted_error_fails():
