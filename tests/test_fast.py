@@ -386,3 +386,37 @@ def test_a_broken_numba_leaves_the_generic_path_serving(monkeypatch):
     monkeypatch.delattr(_fast, "_cpu_kernels", raising=False)
     monkeypatch.setitem(sys.modules, "anybn._fast._cpu_kernels", None)  # import raises ImportError
     assert not path.serves("train", NP, (np.ones((4, 3)),))
+
+
+def test_numba_pool_and_python_threads_give_the_same_bits(monkeypatch):
+    """The passes split the same ranges whichever threads run them: identical results."""
+    monkeypatch.delenv("ANYBN_FAST_PATHS", raising=False)
+    monkeypatch.setenv("ANYBN_NUM_THREADS", "2")
+    path = _fast.select("train", NP, np.ones((4, 3), np.float32))
+    x, dy, w, b = _data((6, 16, 33, 40), 1, np.float32, offset=2.0)
+    pooled = _run_all(x, dy, w, b, 1)
+    monkeypatch.setattr(path, "_pool_pid", -1)  # as where numba's pool cannot serve
+    threaded = _run_all(x, dy, w, b, 1)
+    for key in pooled:
+        np.testing.assert_array_equal(pooled[key], threaded[key], err_msg=key)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_forked_child_keeps_working():
+    """GNU OpenMP aborts a forked child that launches parallel work: the child of a process
+    that started numba's pool takes Python threads instead, and gets the right answer."""
+    code = (
+        "import os, numpy as np, anybn\n"
+        "x = np.random.default_rng(0).standard_normal((2048, 256)).astype(np.float32) + 5\n"
+        "y0, _ = anybn.batch_norm_train(x)\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    y, _ = anybn.batch_norm_train(x)\n"
+        "    os._exit(0 if np.array_equal(y, y0) else 3)\n"
+        "_, status = os.waitpid(pid, 0)\n"
+        "assert os.waitstatus_to_exitcode(status) == 0, status\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("ANYBN_FAST_PATHS", "ANYBN_NUM_THREADS")}
+    env["ANYBN_NUM_THREADS"] = "2"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]

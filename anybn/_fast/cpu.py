@@ -10,10 +10,15 @@ code of ``anybn._steps``):
 - ``grad_apply``: one pass, x and dy read again, dx written once.
 
 Apart from y (or dx), every allocation is O(C). Work is split into contiguous ranges of
-rows or planes, one per thread; the kernels release the GIL (``nogil``), so plain Python
-threads run them in parallel. Small inputs run on the calling thread. ``ANYBN_NUM_THREADS``
-caps the thread count (read at each call); the default is the number of CPUs this process
-may run on.
+rows or planes, a few per thread. The four passes run each split on numba's own thread pool
+(``prange``, on the OpenMP or TBB threading layer), whose workers answer in microseconds;
+handing ranges to Python threads cost ~80 us per pass on 2-core VMs, more than a pass over
+16 MiB takes (docs/benchmarks.md has the measurement). Where numba's pool cannot serve (its
+``workqueue`` layer, which is not thread-safe, or a process forked after the pool started,
+where GNU OpenMP would abort), and for the fused-activation kernels, the ranges go to Python
+threads instead (the kernels release the GIL). Small inputs run on the calling thread.
+``ANYBN_NUM_THREADS`` caps the thread count (read at each call); the default is the number
+of CPUs this process may run on.
 
 numba is imported on the first call this path serves, not when anybn is imported, and its
 machine code is cached on disk (see ``_cpu_kernels``).
@@ -131,6 +136,8 @@ class CpuPath:
         self._kernels: ModuleType | None = None
         self._unavailable = False
         self._threads = _Threads()
+        self._pool_lock = threading.Lock()
+        self._pool_pid: int | None = None  # the process numba's pool started in; -1: unusable
 
     # ------------------------------------------------------------------ selection
 
@@ -186,7 +193,7 @@ class CpuPath:
         y = np.empty_like(xv)
         kernel = self._k.affine_act_rows if view.rows else self._k.affine_act_planes
         args = (xv, *coef, _folded_or_empty(view, residual, dtype), self._k.ACT_CODES[activation])
-        self._map(lambda lo, hi: kernel(*args, lo, hi, y), view, x.nbytes)
+        self._map(kernel, args, (y,), view, x.nbytes)
         return y.reshape(x.shape)
 
     def grad_sums(self, xp: Any, x: np.ndarray, dy: np.ndarray, layout: Layout, pivot: Any, *,
@@ -215,7 +222,7 @@ class CpuPath:
         dx = np.empty_like(xv)
         kernel = self._k.grad_input_rows if view.rows else self._k.grad_input_planes
         args = (xv, dyv) + tuple(_vector(v, dtype, c) for v in (pivot, a, b, k))
-        self._map(lambda lo, hi: kernel(*args, lo, hi, dx), view, x.nbytes)
+        self._map(kernel, args, (dx,), view, x.nbytes)
         return dx.reshape(x.shape)
 
     def _grad_apply_act(self, view: _View, x: np.ndarray, dyv: np.ndarray, pivot: Any, a: Any, b: Any, k: Any,
@@ -227,7 +234,7 @@ class CpuPath:
         kernel = self._k.grad_input_act_rows if view.rows else self._k.grad_input_act_planes
         args = (xv, dyv, _vector(pivot, dtype, c), _vector(a, dtype, c), _vector(b, dtype, c),
                 _vector(k, dtype, c)) + _act_args(self._k, view, act, dtype)
-        self._map(lambda lo, hi: kernel(*args, lo, hi, dx, dres), view, x.nbytes)
+        self._map(kernel, args, (dx, dres), view, x.nbytes)
         if act.residual is None:
             return dx.reshape(x.shape)
         return dx.reshape(x.shape), dres.reshape(x.shape)
@@ -278,6 +285,14 @@ class CpuPath:
 
     # ------------------------------------------------------------------ threading
 
+    def _pool_ok(self) -> bool:
+        """Whether numba's thread pool may run the passes in this process (see the module doc)."""
+        if self._pool_pid is None:
+            with self._pool_lock:
+                if self._pool_pid is None:
+                    self._pool_pid = _start_pool(self._k)
+        return self._pool_pid == os.getpid()
+
     def _split(self, view: _View, nbytes: int) -> tuple[int, int]:
         """(ranges, threads) for a pass over ``nbytes``: one range on the caller when small."""
         if nbytes < _PARALLEL_MIN_BYTES:
@@ -285,13 +300,22 @@ class CpuPath:
         threads = max(1, min(_num_threads(), view.units))
         return min(view.units, threads * _RANGES_PER_THREAD), threads
 
-    def _map(self, task: Callable[[int, int], None], view: _View, nbytes: int) -> None:
-        self._threads.run(lambda part, lo, hi: task(lo, hi), view.units, *self._split(view, nbytes))
+    def _map(self, kernel: Callable[..., None], args: tuple[Any, ...], outs: tuple[np.ndarray, ...], view: _View,
+             nbytes: int) -> None:
+        """``kernel(*args, lo, hi, *outs)`` over all units, split across threads when large."""
+        parts, threads = self._split(view, nbytes)
+        par = getattr(self._k, kernel.__name__ + "_par", None) if threads > 1 else None
+        if par is not None and self._pool_ok():
+            _numba_threads(threads)
+            par(*args, parts, *outs)
+            return
+        self._threads.run(lambda part, lo, hi: kernel(*args, lo, hi, *outs), view.units, parts, threads)
 
     def _reduce(self, kernel: Callable[..., None], view: _View,
                 args: tuple[Any, ...]) -> tuple[np.ndarray, np.ndarray]:
         """Two per-feature float64 sums of ``kernel`` over all units, each of shape (C,)."""
         parts, threads = self._split(view, args[0].nbytes)
+        par = getattr(self._k, kernel.__name__ + "_par", None) if threads > 1 else None
         # each range's two sums side by side, 64 bytes apart beyond C: sums a multiple of 4 KiB
         # apart stall the kernels' loads behind their stores (4K aliasing; 10-30% measured)
         buf = np.zeros((parts, 2, view.features + 8))
@@ -299,6 +323,11 @@ class CpuPath:
         if threads == 1 and parts == 1:
             kernel(*args, 0, view.units, partial[0, 0], partial[0, 1])
             return partial[0, 0], partial[0, 1]
+        if par is not None and self._pool_ok():
+            _numba_threads(threads)
+            par(*args, parts, partial)
+            total = partial.sum(axis=0)
+            return total[0], total[1]
         self._threads.run(lambda part, lo, hi: kernel(*args, lo, hi, partial[part, 0], partial[part, 1]),
                           view.units, parts, threads)
         total = partial.sum(axis=0)
@@ -310,11 +339,35 @@ class CpuPath:
         k = self._k
         y = np.empty_like(xv)
         kernel = k.affine_rows if view.rows else k.affine_planes
-        self._map(lambda lo, hi: kernel(xv, pivot, scale, shift, lo, hi, y), view, xv.nbytes)
+        self._map(kernel, (xv, pivot, scale, shift), (y,), view, xv.nbytes)
         return y
 
 
 _ABSENT = np.empty(0)
+
+
+def _numba_threads(threads: int) -> None:
+    """Let numba's pool use ``threads`` threads for this calling thread's next launches."""
+    import numba
+
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+
+
+def _start_pool(kernels: ModuleType) -> int:
+    """Start numba's thread pool with a tiny launch; this pid where it is thread-safe, else -1.
+
+    numba's ``workqueue`` layer (no OpenMP or TBB found) aborts on concurrent launches from
+    several Python threads: there the passes keep to Python threads.
+    """
+    import numba
+
+    x = np.zeros((2, 1))
+    try:
+        kernels.affine_rows_par(x, np.zeros(1), np.ones(1), np.zeros(1), 2, np.empty_like(x))
+        layer = numba.threading_layer()
+    except Exception:  # no usable layer at all: Python threads serve
+        return -1
+    return os.getpid() if layer in ("omp", "tbb") else -1
 
 
 def _folded_or_empty(view: _View, a: Any, dtype: Any) -> np.ndarray:
