@@ -38,7 +38,7 @@ PUBLIC = (
     "fold_into_linear",
     "fold_into_conv",
 )
-PAGES = ("getting-started", "math", "backends", "embedding", "migrating", "demo", "benchmarks", "numerics", "architecture", "renorm", "ghost",
+PAGES = ("getting-started", "activation", "math", "backends", "embedding", "migrating", "demo", "benchmarks", "numerics", "architecture", "renorm", "ghost",
          "recurrent", "frozen", "folding", "api")
 # The build is a few seconds here; this catches a configuration that makes it crawl.
 BUILD_SECONDS_MAX = 120
