@@ -48,6 +48,9 @@ class Kernels(Protocol):
     #: kernel); False when it costs a pass (the generic path), so inference folds the mean
     #: into the shift where that is precise.
     centering_is_free: bool
+    #: Optional (absent means False): ``apply`` and ``grad_apply`` accept ``out=``, a
+    #: C-contiguous slice of a larger result to write into (ghost BN's chunks).
+    #: writes_out: bool
 
     def serves(self, step: Step, xp: Namespace, arrays: tuple[Array, ...]) -> bool:
         """Whether this path serves ``step`` for ``arrays``: ``(x,)``, or ``(x, dy)``."""

@@ -270,6 +270,8 @@ def _ghost_train(
         ]
     else:
         ys, saves = [], []
+        # a path that writes into slices takes each chunk's y straight into its rows: no concat
+        into = xp.empty_like(x) if getattr(kernels, "writes_out", False) else None
         for g in range(groups):
             xg = x[g * v : (g + 1) * v, ...]
             # reductions
@@ -278,9 +280,12 @@ def _ghost_train(
             chunk_stats = stats_from_sums(xp, chunk_sums)
             c = train_coefficients(xp, chunk_stats, weight, bias, eps)
             # apply
-            ys.append(kernels.apply(xp, xg, chunk, c.pivot, c.scale, c.shift, scratch=chunk_sums.scratch))
+            if into is not None:
+                kernels.apply(xp, xg, chunk, c.pivot, c.scale, c.shift, out=into[g * v : (g + 1) * v, ...])
+            else:
+                ys.append(kernels.apply(xp, xg, chunk, c.pivot, c.scale, c.shift, scratch=chunk_sums.scratch))
             saves.append(_batch_saved(xp, xg, chunk, chunk_stats, c, weight, bias, eps))
-        y = xp.concat(ys, axis=0) if groups > 1 else ys[0]
+        y = into if into is not None else (xp.concat(ys, axis=0) if groups > 1 else ys[0])
     mean, var = saves[0].mean, saves[0].var
     for part in saves[1:]:
         mean, var = mean + part.mean, var + part.var
@@ -595,6 +600,7 @@ def _ghost_backward(
         dx = kernels.grad_apply(xp, x, dy, grouped, pivot, a, b, k, scratch=planes.scratch)
     else:
         dxs, coefs = [], []
+        into = xp.empty_like(x) if getattr(kernels, "writes_out", False) else None
         for g, part in enumerate(parts):
             assert part.layout is not None
             dyg = dy[g * v : (g + 1) * v, ...]
@@ -604,9 +610,13 @@ def _ghost_backward(
             c = backward_coefficients(xp, part, sums, dtype)
             coefs.append(c)
             # apply
-            dxs.append(kernels.grad_apply(xp, part.x, dyg, part.layout, part.pivot, c.a, c.b, c.k,
-                                          scratch=sums.scratch))
-        dx = xp.concat(dxs, axis=0) if groups > 1 else dxs[0]
+            if into is not None:  # each chunk's dx straight into its rows
+                kernels.grad_apply(xp, part.x, dyg, part.layout, part.pivot, c.a, c.b, c.k,
+                                   out=into[g * v : (g + 1) * v, ...])
+            else:
+                dxs.append(kernels.grad_apply(xp, part.x, dyg, part.layout, part.pivot, c.a, c.b, c.k,
+                                              scratch=sums.scratch))
+        dx = into if into is not None else (xp.concat(dxs, axis=0) if groups > 1 else dxs[0])
     dweight, dbias = coefs[0].dweight, coefs[0].dbias
     for c in coefs[1:]:
         dweight = None if dweight is None else dweight + c.dweight

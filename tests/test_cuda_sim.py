@@ -92,8 +92,10 @@ if IN_PROCESS:
     os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
     if "numba.core.config" in sys.modules:
         sys.modules["numba.core.config"].reload_config()
+    # numba's own deprecated numba.cuda (without the numba-cuda package) differs from it and
+    # lacks what the kernels use: skip unless numba-cuda itself is installed
+    pytest.importorskip("numba_cuda", reason="numba-cuda is not installed (pip install numba-cuda)")
     cuda = pytest.importorskip("numba.cuda", reason="numba-cuda is not installed")
-    # numba's own deprecated numba.cuda (without numba-cuda) lacks what the kernels import
     K = pytest.importorskip("anybn._fast._cuda_kernels", reason="numba-cuda is not installed")
 
 in_simulator = pytest.mark.skipif(not IN_PROCESS, reason=f"{WHY_NOT}; run by test_simulator_suite_in_subprocess")

@@ -131,6 +131,7 @@ class CpuPath:
 
     name = "cpu-numba"
     centering_is_free = True  # the apply subtracts the pivot in the same fused pass
+    writes_out = True  # apply and grad_apply take out=: a slice of a larger result (ghost BN)
 
     def __init__(self) -> None:
         self._kernels: ModuleType | None = None
@@ -183,14 +184,15 @@ class CpuPath:
         return Sums(view.count, first, s1, s2)
 
     def apply(self, xp: Any, x: np.ndarray, layout: Layout, pivot: Any, scale: Any, shift: Any, *,
-              scratch: Any = None, activation: str | None = None, residual: Any = None) -> np.ndarray:
+              scratch: Any = None, activation: str | None = None, residual: Any = None,
+              out: np.ndarray | None = None) -> np.ndarray:
         view = _View(layout)
         c, dtype = view.features, x.dtype
         coef = (_vector(pivot, dtype, c), _vector(scale, dtype, c), _vector(shift, dtype, c))
         xv = view.fold(x)
         if activation is None and residual is None:
-            return self._affine(view, xv, *coef).reshape(x.shape)
-        y = np.empty_like(xv)
+            return self._affine(view, xv, *coef, out=_out(view, out, xv)).reshape(x.shape)
+        y = _out(view, out, xv)
         kernel = self._k.affine_act_rows if view.rows else self._k.affine_act_planes
         args = (xv, *coef, _folded_or_empty(view, residual, dtype), self._k.ACT_CODES[activation])
         self._map(kernel, args, (y,), view, x.nbytes)
@@ -209,7 +211,7 @@ class CpuPath:
         return GradSums(sum_dy, None if pivot is None else sum_dy_d)
 
     def grad_apply(self, xp: Any, x: np.ndarray, dy: np.ndarray, layout: Layout, pivot: Any, a: Any, b: Any,
-                   k: Any, *, scratch: Any = None, act: Any = None) -> Any:
+                   k: Any, *, scratch: Any = None, act: Any = None, out: np.ndarray | None = None) -> Any:
         view = _View(layout)
         c, dtype = view.features, x.dtype
         dyv = view.fold(dy)
@@ -217,9 +219,9 @@ class CpuPath:
             return self._grad_apply_act(view, x, dyv, pivot, a, b, k, act)
         if a is None:  # dx = k * dy
             zeros = np.zeros(c, dtype=dtype)
-            return self._affine(view, dyv, zeros, _vector(k, dtype, c), zeros).reshape(x.shape)
+            return self._affine(view, dyv, zeros, _vector(k, dtype, c), zeros, out=_out(view, out, dyv)).reshape(x.shape)
         xv = view.fold(x)
-        dx = np.empty_like(xv)
+        dx = _out(view, out, xv)
         kernel = self._k.grad_input_rows if view.rows else self._k.grad_input_planes
         args = (xv, dyv) + tuple(_vector(v, dtype, c) for v in (pivot, a, b, k))
         self._map(kernel, args, (dx,), view, x.nbytes)
@@ -334,16 +336,25 @@ class CpuPath:
         return total[0], total[1]
 
     def _affine(self, view: _View, xv: np.ndarray, pivot: np.ndarray, scale: np.ndarray,
-                shift: np.ndarray) -> np.ndarray:
-        """(x - pivot) * scale + shift per feature, into a new array of x's dtype."""
+                shift: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """(x - pivot) * scale + shift per feature, into ``out`` (folded) or a new array."""
         k = self._k
-        y = np.empty_like(xv)
+        y = np.empty_like(xv) if out is None else out
         kernel = k.affine_rows if view.rows else k.affine_planes
         self._map(kernel, (xv, pivot, scale, shift), (y,), view, xv.nbytes)
         return y
 
 
 _ABSENT = np.empty(0)
+
+
+def _out(view: _View, out: np.ndarray | None, like: np.ndarray) -> np.ndarray:
+    """The folded output buffer: ``out`` (a C-contiguous slice of a larger result), or new."""
+    if out is None:
+        return np.empty_like(like)
+    if not out.flags.c_contiguous or out.dtype != like.dtype or out.size != like.size:
+        raise ValueError("out must be a C-contiguous array of x's dtype and size")
+    return view.fold(out)
 
 
 def _numba_threads(threads: int) -> None:
