@@ -300,6 +300,8 @@ class CpuPath:
         if nbytes < _PARALLEL_MIN_BYTES:
             return 1, 1
         threads = max(1, min(_num_threads(), view.units))
+        if threads == 1:  # ranges only balance threads; on one, a single call reads x in order
+            return 1, 1
         return min(view.units, threads * _RANGES_PER_THREAD), threads
 
     def _map(self, kernel: Callable[..., None], args: tuple[Any, ...], outs: tuple[np.ndarray, ...], view: _View,

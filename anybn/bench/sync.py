@@ -35,15 +35,20 @@ def _collectives(comm: Any, c: int) -> None:
     comm.all_reduce_sum(np.zeros(2 * c + 2))
 
 
-def _median_ms(fn: Any, mpi: Any, repeats: int) -> float:
-    fn()  # warm: JIT, allocations
-    samples = []
-    for _ in range(repeats):
-        mpi.Barrier()
-        t = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(samples)
+def _medians_ms(fns: list[Any], mpi: Any, repeats: int) -> list[float]:
+    """Median ms of each of ``fns``, timed in interleaved rounds (order alternating), so that
+    a load that comes and goes, or a clock that changes, hits them alike."""
+    for fn in fns:
+        fn()  # warm: JIT, allocations
+    samples: list[list[float]] = [[] for _ in fns]
+    for r in range(repeats):
+        order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
+        for i in order:
+            mpi.Barrier()
+            t = time.perf_counter()
+            fns[i]()
+            samples[i].append(time.perf_counter() - t)
+    return [1e3 * statistics.median(s) for s in samples]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,9 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         dy = rng.standard_normal(shape, dtype=np.float32)
         c = shape[1]
         w, b = np.ones(c, np.float32), np.zeros(c, np.float32)
-        local = _median_ms(lambda: _step(x, dy, w, b, None), world, args.repeats)
-        synced = _median_ms(lambda: _step(x, dy, w, b, comm), world, args.repeats)
-        coll = _median_ms(lambda: _collectives(comm, c), world, args.repeats)
+        local, synced, coll = _medians_ms([lambda: _step(x, dy, w, b, None), lambda: _step(x, dy, w, b, comm),
+                                           lambda: _collectives(comm, c)], world, args.repeats)
         rows.append((name, local, synced, coll))
     if comm.rank == 0:
         print(f"# ranks={comm.size} float32 per-rank shapes, median of {args.repeats} steps (fwd+bwd), ms")
