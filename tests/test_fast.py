@@ -87,8 +87,9 @@ def _bounds(x64, dy64, w64, b64, axis, dtype, path):
     With u the unit roundoff of ``dtype``, m values per feature, x-hat in float64 and
     R = max |x-hat| (the pivot lies within the data, so |mean - pivot| * invstd <= R):
 
-    - the fast path sums in float64 (error ~m * 2**-53: negligible for float32, not for
-      float64 inputs, and counted in the statistics' terms below), rounds each coefficient
+    - the fast path sums blocks of 16 rows in ``dtype`` (<= 16u of the block's sum of
+      |x - pivot|) and the blocks in float64 (m * 2**-53, not negligible for float64
+      inputs), so its statistics carry 16u + m * 2**-53 relative error; it rounds each coefficient
       to ``dtype`` once and does <= 4 roundings per element: y is off by at most
       8u (|w| (|x-hat| + 2R) + |b|); dx = k (dy + a (x - p) + b) by
       8u |k| (|dy| + |mean dy| + |mean(dy x-hat)| (|x-hat| + 2R)); the parameter gradients,
@@ -99,12 +100,12 @@ def _bounds(x64, dy64, w64, b64, axis, dtype, path):
       through the statistics.
 
     A relative error of 1e-4 in any output exceeds these bounds for the fast path
-    (8u(1 + 2R) ~ 5e-6 for float32 at R ~ 5).
+    (8u(1 + 2R) + 128u(1 + R) ~ 5e-5 for float32 at R ~ 5).
     """
     u = np.finfo(dtype).eps / 2
     m = x64.size // x64.shape[axis]
-    # the statistics: float64 sums on the fast path (m * 2**-53), dtype sums on the generic one
-    stat_u = u + m * 2.0**-53 if path == "fast" else m * u
+    # the statistics: blocked sums on the fast path, dtype sums on the generic one
+    stat_u = 16 * u + m * 2.0**-53 if path == "fast" else m * u
     mean, var = reference_moments(x64, axis)
     invstd = 1.0 / np.sqrt(var + 1e-5)
     xhat = features_last(x64 - bcast(mean, x64.ndim, axis), axis) * invstd

@@ -12,8 +12,13 @@ across threads (``nogil=True``):
 - *planes* kernels take x as (N, C, L) with L > 1 (NCHW and friends); a unit is one plane
   ``(n, c)`` of L contiguous values, summed with reassociation allowed (``fastmath`` below).
 
-Numerics: sums are float64, of values shifted by a per-feature ``pivot`` near the mean, so
-float32 inputs at mean/std = 1e4 keep their variance to ~1e-12 relative. Elementwise passes
+Numerics: sums are of values shifted by a per-feature ``pivot`` near the mean (a sample of x,
+exact in x's dtype), accumulated in float64: plane by plane for the planes kernels, and for
+the rows kernels in x's own dtype over blocks of ``_BLOCK`` = 16 rows, flushed to float64
+(twice the SIMD lanes, no conversions: 2.2x faster measured on 16 MiB). A block adds at most
+16 rounding errors of 2**-24 relative to its sum of |x - pivot|, so float32 inputs at
+mean/std = 1e4 keep their mean and variance to ~1e-6 relative, where unshifted float32
+sums lose everything. Elementwise passes
 compute ``x - pivot`` first in the input dtype (exact near the mean, by Sterbenz's lemma) and
 carry the small rest of the mean in the per-feature shift.
 """
@@ -31,27 +36,33 @@ _kernel = nb.njit(nogil=True, cache=True, fastmath=_FLAGS, error_model="numpy", 
 # ---------------------------------------------------------------- statistics (forward pass 1)
 
 
+# Rows are summed in x's dtype over blocks of this many rows, around the pivot, then flushed
+# to the float64 sums: float32 lanes are twice as many as float64 ones and need no
+# conversion, and a block's rounding is at most _BLOCK * u of the block's sum of |x - pivot|.
+_BLOCK = 16
+
+
 @_kernel
 def moments_rows(x, pivot, lo, hi, s1, s2):  # pragma: no cover - compiled
     """s1[c] += sum(x[r, c] - pivot[c]), s2[c] += sum((x[r, c] - pivot[c])**2) over rows lo..hi."""
     features = x.shape[1]
+    p = pivot.astype(x.dtype)  # the pivot is a sample of x: exact in x's dtype
+    a1 = np.zeros(features, dtype=x.dtype)
+    a2 = np.zeros(features, dtype=x.dtype)
     r = lo
-    # four rows per sweep: one load and store of s1[c], s2[c] per four values (2.7x faster)
-    while r + 4 <= hi:
+    while r < hi:
+        end = min(r + _BLOCK, hi)
+        for rr in range(r, end):
+            for c in range(features):
+                d = x[rr, c] - p[c]
+                a1[c] += d
+                a2[c] += d * d
         for c in range(features):
-            p = pivot[c]
-            d0 = np.float64(x[r, c]) - p
-            d1 = np.float64(x[r + 1, c]) - p
-            d2 = np.float64(x[r + 2, c]) - p
-            d3 = np.float64(x[r + 3, c]) - p
-            s1[c] += (d0 + d1) + (d2 + d3)
-            s2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
-        r += 4
-    for r in range(r, hi):
-        for c in range(features):
-            d = np.float64(x[r, c]) - pivot[c]
-            s1[c] += d
-            s2[c] += d * d
+            s1[c] += a1[c]
+            s2[c] += a2[c]
+            a1[c] = 0
+            a2[c] = 0
+        r = end
 
 
 @_kernel
@@ -99,26 +110,29 @@ def affine_planes(x, pivot, scale, shift, lo, hi, y):  # pragma: no cover - comp
 
 @_kernel
 def grad_sums_rows(x, dy, pivot, lo, hi, sum_dy, sum_dy_d):  # pragma: no cover - compiled
-    """sum_dy[c] += sum(dy), sum_dy_d[c] += sum(dy * (x - pivot[c])) over rows lo..hi."""
+    """sum_dy[c] += sum(dy), sum_dy_d[c] += sum(dy * (x - pivot[c])) over rows lo..hi.
+
+    Summed in x's dtype over blocks of ``_BLOCK`` rows, flushed to float64, as in
+    ``moments_rows``.
+    """
     features = x.shape[1]
+    p = pivot.astype(x.dtype)  # the forward's pivot: a value of x's dtype
+    a1 = np.zeros(features, dtype=x.dtype)
+    a2 = np.zeros(features, dtype=x.dtype)
     r = lo
-    while r + 4 <= hi:  # four rows per sweep, as in moments_rows
+    while r < hi:
+        end = min(r + _BLOCK, hi)
+        for rr in range(r, end):
+            for c in range(features):
+                g = dy[rr, c]
+                a1[c] += g
+                a2[c] += g * (x[rr, c] - p[c])
         for c in range(features):
-            p = pivot[c]
-            g0 = np.float64(dy[r, c])
-            g1 = np.float64(dy[r + 1, c])
-            g2 = np.float64(dy[r + 2, c])
-            g3 = np.float64(dy[r + 3, c])
-            sum_dy[c] += (g0 + g1) + (g2 + g3)
-            sum_dy_d[c] += (g0 * (np.float64(x[r, c]) - p) + g1 * (np.float64(x[r + 1, c]) - p)) + (
-                g2 * (np.float64(x[r + 2, c]) - p) + g3 * (np.float64(x[r + 3, c]) - p)
-            )
-        r += 4
-    for r in range(r, hi):
-        for c in range(features):
-            g = np.float64(dy[r, c])
-            sum_dy[c] += g
-            sum_dy_d[c] += g * (np.float64(x[r, c]) - pivot[c])
+            sum_dy[c] += a1[c]
+            sum_dy_d[c] += a2[c]
+            a1[c] = 0
+            a2[c] = 0
+        r = end
 
 
 @_kernel
