@@ -485,3 +485,33 @@ def test_sweep_plot_draws_times_and_bandwidth(tmp_path):
     (tmp_path / "r.json").write_text(json.dumps({"results": results, "copies": copies}))
     assert plot.main(["--sweep", str(tmp_path / "r.json"), str(tmp_path / "again.png")]) == 0
     assert (tmp_path / "again.png").stat().st_size > 10_000
+
+
+def test_threads_table_and_arguments(monkeypatch, capsys):
+    from anybn.bench import threads
+
+    a1 = {"s train": 2.0}
+    a2 = {"s train": 1.0}
+    t1 = {"s train": 4.0}
+    t2 = {"s train": 2.5}
+    text = threads.table(a1, a2, t1, t2)
+    row = text.splitlines()[1].split()
+    assert row[2:] == ["2.000", "1.000", "0.50", "4.000", "2.500", "0.40"]
+    with pytest.raises(ValueError, match="library must be 'anybn' or 'torch', got 'jax'"):
+        threads.measure("jax", 1)
+    assert threads.main(["nonsense"]) == 2
+
+
+def test_threads_measure_runs_each_case(monkeypatch):
+    """One tiny shape: every op of both libraries gets a positive median."""
+    from anybn.bench import threads
+
+    pytest.importorskip("torch")
+    monkeypatch.setattr(threads, "SHAPES", (("8x3", (8, 3), 1), ("nhwc:2x2x2x3", (2, 2, 2, 3), -1)))
+    monkeypatch.setattr(threads, "ROUNDS", 2)
+    monkeypatch.setattr(threads, "CALLS", 1)
+    monkeypatch.setenv("ANYBN_NUM_THREADS", "1")
+    for library in ("anybn", "torch"):
+        got = threads.measure(library, 1)
+        assert set(got) == {f"{s} {op}" for s in ("8x3", "nhwc:2x2x2x3") for op in ("train", "backward", "eval")}
+        assert all(v > 0 for v in got.values())
