@@ -48,8 +48,9 @@ class Kernels(Protocol):
     #: kernel); False when it costs a pass (the generic path), so inference folds the mean
     #: into the shift where that is precise.
     centering_is_free: bool
-    #: Optional (absent means False): ``apply`` and ``grad_apply`` accept ``out=``, a
-    #: C-contiguous slice of a larger result to write into (ghost BN's chunks).
+    #: Optional (absent means False): ``apply`` and ``grad_apply`` honour ``out=``, a
+    #: C-contiguous slice of a larger result to write into (ghost BN's chunks); callers pass
+    #: ``out`` only to a path that sets ``writes_out = True``.
     #: writes_out: bool
 
     def serves(self, step: Step, xp: Namespace, arrays: tuple[Array, ...]) -> bool:
@@ -76,6 +77,7 @@ class Kernels(Protocol):
         scratch: Any = None,
         activation: str | None = None,
         residual: Array | None = None,
+        out: Array | None = None,
     ) -> Array:
         """y = act((x - pivot) * scale + shift [+ residual]) per feature (None: 0), shape
         and dtype of x.
@@ -105,6 +107,7 @@ class Kernels(Protocol):
         *,
         scratch: Any = None,
         act: Activation | None = None,
+        out: Array | None = None,
     ) -> Any:
         """dx = k * (dy' + a * (x - pivot) + b) per feature; ``a = b = None``: dx = k * dy'.
 
@@ -140,7 +143,8 @@ class GenericKernels:
                             bool(array_api_compat.is_lazy_array(x)))
 
     def apply(self, xp, x, layout, pivot, scale, shift, *, scratch=None, activation=None,  # type: ignore[no-untyped-def]
-              residual=None):
+              residual=None, out=None):
+        _no_out(out)
         b = layout.broadcastable
         if scratch is not None and _may_write(scratch):
             buf = scratch  # x - pivot, ours
@@ -171,7 +175,9 @@ class GenericKernels:
         centered = fold(xp, x, layout, cdt) - layout.broadcastable(xp, pivot)
         return GradSums(sum_dy, reducer.dot(dyp, centered), (centered, dyp))
 
-    def grad_apply(self, xp, x, dy, layout, pivot, a, b, k, *, scratch=None, act=None):  # type: ignore[no-untyped-def]
+    def grad_apply(self, xp, x, dy, layout, pivot, a, b, k, *, scratch=None, act=None,  # type: ignore[no-untyped-def]
+                   out=None):
+        _no_out(out)
         if act is not None:
             return self._grad_apply_act(xp, x, dy, layout, pivot, a, b, k, scratch, act)
         v = layout.broadcastable
@@ -209,6 +215,12 @@ class GenericKernels:
         if act.residual is None:
             return dx
         return dx, unfold(xp, dyp, layout, act.residual.dtype)
+
+
+def _no_out(out: Any) -> None:
+    # in-place writes into a caller's slice are not portable (JAX, Dask): writes_out is unset
+    if out is not None:
+        raise TypeError("these kernels do not write into out= (writes_out is not set)")
 
 
 def _activate(xp: Namespace, z: Array, layout: Layout, activation: str | None, residual: Array | None) -> Array:

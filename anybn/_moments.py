@@ -140,7 +140,8 @@ class Sums(NamedTuple):
     shifted by, near its mean, so that the sums add small numbers.
     """
 
-    count: int
+    # ``count`` shadows tuple.count: the name the formulas use
+    count: int  # type: ignore[assignment]
     pivot: Array  # (C,)
     s1: Array  # (C,)
     s2: Array  # (C,)

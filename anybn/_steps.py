@@ -42,7 +42,8 @@ _FOLD_MAX_OFFSET = 64.0
 class Stats(NamedTuple):
     """Per-feature batch statistics: mean = pivot + delta, biased variance ``var``."""
 
-    count: int
+    # ``count`` shadows tuple.count: the name the formulas use
+    count: int  # type: ignore[assignment]
     pivot: Array  # (C,) the value the reductions centered x on
     delta: Array  # (C,) mean - pivot, small, kept unrounded
     var: Array  # (C,) biased variance
@@ -166,7 +167,7 @@ def backward_coefficients(
             sum_dy_xhat = sum_dy_d * invstd
     a = b = None
     if saved.batch_stats:
-        assert sum_dy is not None and sum_dy_xhat is not None
+        assert sum_dy is not None and sum_dy_xhat is not None and invstd is not None
         m = saved.count
         a = -invstd * sum_dy_xhat / m
         b = -sum_dy / m

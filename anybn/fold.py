@@ -161,6 +161,7 @@ def _fold(
     for k, v in vec.items():
         if v is not None and tuple(v.shape) != (out,):
             raise ValueError(f"{fn}: bn {k} has shape {tuple(v.shape)}, expected ({out},)")
+    assert vec["running_var"] is not None and vec["running_mean"] is not None  # required keys
     s = 1.0 / xp.sqrt(vec["running_var"] + eps)
     if vec["weight"] is not None:
         s = vec["weight"] * s

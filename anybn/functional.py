@@ -261,6 +261,7 @@ def _ghost_train(
         shift = _expand(xp, coef.shift, layout, groups) + (planes.pivot - _expand(xp, coef.pivot, layout, groups)) * scale
         y = kernels.apply(xp, x, grouped, planes.pivot, scale, shift, scratch=planes.scratch)
         table = _batch_saved(xp, x, chunk, stats, coef, weight, bias, eps)  # (G, C) statistics, cast once
+        assert table.pivot is not None and table.delta is not None
         saves = [
             BatchNormSaved(x=x[g * v : (g + 1) * v, ...], mean=table.mean[g, :], invstd=table.invstd[g, :],
                            var=table.var[g, :], weight=weight, has_bias=bias is not None, axis=layout.axis,
@@ -542,7 +543,7 @@ def _checked_grad(fn: str, dy: Array, x: Array) -> Namespace:
 
 def _backward_stages(
     xp: Namespace, x: Array, dy: Array, saved: BatchNormSaved, layout: Layout, kernels: Kernels
-) -> tuple[Array, Array | None, Array | None]:
+) -> tuple[Array, ...]:
     """The backward as its three stages, on validated arguments."""
     dtype = kernels.coefficient_dtype(xp, x)
     pivot = saved.mean if saved.pivot is None else saved.pivot
@@ -707,6 +708,7 @@ def _train_synchronized(
     if error is None:
         assert layout is not None
         device = device_of(x)
+        assert xp is not None
         kernels = _fast.kernels_for("train", xp, x)  # never its whole-step shortcut: it skips the stages
         dtype = kernels.coefficient_dtype(xp, x)
         bits = xp.finfo(_sync.payload_dtype(xp, device, dtype)).bits

@@ -242,7 +242,7 @@ class BatchNorm:
         layer's ``activation``, returns act(BN(x) [+ residual]) from one fused pass;
         ``residual`` (same shape as x) is added before the activation.
         """
-        fused = {"activation": self.activation, "residual": residual}
+        fused: dict[str, Any] = {"activation": self.activation, "residual": residual}
         if self.activation is None and residual is None:
             fused = {}
         if self.comm is not None and not self.frozen and (

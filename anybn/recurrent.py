@@ -132,8 +132,10 @@ class RecurrentBatchNorm(BatchNorm):
             self.running_mean = self._with_row(self.running_mean, row, new_mean)
             self.running_var = self._with_row(self.running_var, row, new_var)
         else:
-            y, saved = _fixed("RecurrentBatchNorm", x, mean, var, self.weight, self.bias, axis=self.axis,
+            y, fixed = _fixed("RecurrentBatchNorm", x, mean, var, self.weight, self.bias, axis=self.axis,
                               eps=self.eps)
+            assert fixed is not None
+            saved = fixed
         self._saved = saved
         self._steps_saved[t] = saved
         return y

@@ -279,7 +279,7 @@ def _flat(a: Any, default: Any = None) -> Any:
 
 def _compute_type(dtype: Any) -> Any:
     # float16 is only storage: its arithmetic runs in float32 (as PyTorch's kernels do)
-    return types.float64 if np.dtype(dtype) == np.float64 else types.float32
+    return types.float64 if np.dtype(dtype) == np.float64 else types.float32  # type: ignore[attr-defined]
 
 
 # ------------------------------------------------------------------ element math
@@ -340,7 +340,7 @@ def _reduce_kernel(op: str, ctype: Any, act: int, has_res: bool, threads: int) -
     """
     _, backward = _element_ops(ctype, act, has_res)
     grad = op == "grad"
-    f64 = types.float64
+    f64 = types.float64  # type: ignore[attr-defined]
 
     @cuda.jit(device=True)
     def terms(x, dy, r, p64, p, s, h):  # pragma: no cover - compiled

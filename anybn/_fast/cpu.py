@@ -363,7 +363,8 @@ def _numba_threads(threads: int) -> None:
     """Let numba's pool use ``threads`` threads for this calling thread's next launches."""
     import numba
 
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    most = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
+    numba.set_num_threads(min(threads, most))
 
 
 def _start_pool(kernels: ModuleType) -> int:

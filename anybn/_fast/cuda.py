@@ -230,7 +230,9 @@ class CudaKernels:
         return Sums(layout.outer * layout.inner, pivot, s1, s2)
 
     def apply(self, xp: Any, x: Any, layout: Any, pivot: Any, scale: Any, shift: Any, *, scratch: Any = None,
-              activation: str | None = None, residual: Any = None) -> Any:
+              activation: str | None = None, residual: Any = None, out: Any = None) -> Any:
+        if out is not None:
+            raise TypeError("the CUDA kernels do not write into out= yet (writes_out is not set)")
         c = layout.features
         return self.path.apply(x, layout, _coef(xp, pivot, c), _coef(xp, scale, c), _coef(xp, shift, c),
                                activation=activation, residual=residual)
@@ -244,7 +246,9 @@ class CudaKernels:
         return GradSums(sum_dy, None if pivot is None else sum_dy_d)
 
     def grad_apply(self, xp: Any, x: Any, dy: Any, layout: Any, pivot: Any, a: Any, b: Any, k: Any, *,
-                   scratch: Any = None, act: Any = None) -> Any:
+                   scratch: Any = None, act: Any = None, out: Any = None) -> Any:
+        if out is not None:
+            raise TypeError("the CUDA kernels do not write into out= yet (writes_out is not set)")
         c = layout.features
         dx, dres = self.path.grad_apply(x, dy, layout, _coef(xp, pivot, c), _coef(xp, a, c), _coef(xp, b, c),
                                         _coef(xp, k, c), **_z_args(xp, act, c))

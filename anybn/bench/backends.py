@@ -139,7 +139,7 @@ def _anybn(
             return finish(anybn.batch_norm_backward(dy, saved))
 
     with environ(env):
-        fast = _fast.select(op, array_api_compat.array_namespace(x), x)
+        fast = _fast.select(op, array_api_compat.array_namespace(x), x)  # type: ignore[arg-type]
     path = "generic" if fast is None else str(getattr(fast, "name", type(fast).__name__))
     return Runner(run, be.to_numpy if to_host is None else to_host, env, path, device)
 

@@ -330,7 +330,7 @@ def _run(
     if save_params is not None:
         Path(save_params).parent.mkdir(parents=True, exist_ok=True)
         with open(save_params, "wb") as file:  # the very path given (np.savez would add .npz)
-            np.savez(file, **_parameters(be, nets))
+            np.savez(file, **_parameters(be, nets))  # type: ignore[arg-type]
     bn, plain = nets["bn"], nets["plain"]
     if comm is not None:
         synchronize(bn, None)  # rank 0 alone estimates the population statistics

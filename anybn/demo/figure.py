@@ -54,7 +54,7 @@ def plot_figure1(results: dict[str, Any], path: str | Path) -> Path:
         ax.grid(alpha=0.3)
     # one legend under the panels: inside any panel it covers a curve at some run length
     handles = [Line2D([], [], color=_COLORS[n], label=_LABELS[n]) for n in ("plain", "bn")]
-    handles += [Line2D([], [], linestyle=style, color="0.3", label=f"{p}th percentile")
+    handles += [Line2D([], [], linestyle=style, color="0.3", label=f"{p}th percentile")  # type: ignore[arg-type]
                 for p, style in (("15", ":"), ("50", "-"), ("85", "--"))]
     fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False)
     data = results.get("data", {})

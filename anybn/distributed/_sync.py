@@ -30,7 +30,8 @@ class Header(NamedTuple):
     """What a rank tells the others before the payload: int64 on the host."""
 
     status: int  # 0 ok, 1 ValueError, 2 TypeError
-    count: int  # values per feature on this rank
+    # values per feature on this rank (``count`` shadows tuple.count)
+    count: int  # type: ignore[assignment]
     features: int  # C, or -1 when unknown (the input was not an array)
     bits: int  # width of the payload's float dtype, or -1
 
@@ -105,7 +106,8 @@ def exchange_header(fn: str, comm: Any, header: Header, error: Exception | None)
 class Merged(NamedTuple):
     """Global statistics, with the local pivot: mean = pivot + delta on this rank."""
 
-    count: int  # global
+    # global (``count`` shadows tuple.count)
+    count: int  # type: ignore[assignment]
     pivot: Array  # (C,) this rank's pivot, in the coefficient dtype
     delta: Array  # (C,) global mean - pivot, in the coefficient dtype
     var: Array  # (C,) global biased variance, in the coefficient dtype
