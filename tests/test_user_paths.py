@@ -132,20 +132,28 @@ def test_numpy_scalars_are_accepted_like_python_ones():
         anybn.BatchNorm(True)
 
 
+@pytest.mark.parametrize("rows", [64, 4096])  # one compiled call; the staged passes on threads
 @pytest.mark.parametrize("path", ["fast", "generic"])
-def test_float32_near_its_largest_values(monkeypatch, path):
+def test_float32_near_its_largest_values(monkeypatch, path, rows):
     """|x| ~ 3e38: deviations ~1e35 square past float32's max. The statistics must not
-    overflow (the variance itself is beyond float32: saved.var is inf) and y is exact to a
-    few float32 roundings."""
+    overflow (the variance itself is beyond float32: saved.var is inf), y is exact to a
+    few float32 roundings, and so is dx (of order 1 / std ~ 1e-35, still a normal float32)."""
     if path == "generic":
         monkeypatch.setenv("ANYBN_FAST_PATHS", "0")
-    x = np.full((64, 3), 3e38, np.float32)
+    x = np.full((rows, 64), 3e38, np.float32)
     x[::2] *= np.float32(0.999)
     x[1::4] *= np.float32(0.9995)
     y, saved = anybn.batch_norm_train(x)
-    expected = reference_batch_norm(x.astype(np.float64), 1)
+    x64 = x.astype(np.float64)
+    expected = reference_batch_norm(x64, 1)
     assert np.all(np.isfinite(y))
-    np.testing.assert_allclose(y, expected, atol=8 * np.finfo(np.float32).eps * np.abs(expected).max())
+    eps32 = np.finfo(np.float32).eps
+    np.testing.assert_allclose(y, expected, atol=8 * eps32 * np.abs(expected).max())
+    dy = np.random.default_rng(0).standard_normal(x.shape).astype(np.float32)
+    dx = anybn.batch_norm_backward(dy, saved)[0]
+    ref_dx = reference_backward(x64, dy.astype(np.float64), 1)[0]
+    assert np.all(np.isfinite(dx))
+    np.testing.assert_allclose(dx, ref_dx, atol=64 * eps32 * np.abs(ref_dx).max())
 
 
 def test_messages_for_wrong_kinds_of_arguments():

@@ -66,6 +66,30 @@ def moments_rows(x, pivot, lo, hi, s1, s2):  # pragma: no cover - compiled
 
 
 @_kernel
+def moments_rows64(x, pivot, lo, hi, s1, s2):  # pragma: no cover - compiled
+    """As ``moments_rows``, summed in float64 throughout: for values whose squared deviations
+    overflow x's dtype (float32 near its largest values)."""
+    features = x.shape[1]
+    r = lo
+    # four rows per sweep: one load and store of s1[c], s2[c] per four values (2.7x faster)
+    while r + 4 <= hi:
+        for c in range(features):
+            p = pivot[c]
+            d0 = np.float64(x[r, c]) - p
+            d1 = np.float64(x[r + 1, c]) - p
+            d2 = np.float64(x[r + 2, c]) - p
+            d3 = np.float64(x[r + 3, c]) - p
+            s1[c] += (d0 + d1) + (d2 + d3)
+            s2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+        r += 4
+    for r in range(r, hi):
+        for c in range(features):
+            d = np.float64(x[r, c]) - pivot[c]
+            s1[c] += d
+            s2[c] += d * d
+
+
+@_kernel
 def moments_planes(x, pivot, lo, hi, s1, s2):  # pragma: no cover - compiled
     """As ``moments_rows`` for x of shape (N, C, L), over planes p = n * C + c in lo..hi."""
     features, inner = x.shape[1], x.shape[2]
@@ -424,6 +448,9 @@ def train_rows_whole(x, eps, weight, bias, y, coef):  # pragma: no cover - compi
     first = x[0].astype(np.float64)
     partial = np.zeros((2, 1, x.shape[1]))
     moments_rows(x, first, 0, x.shape[0], partial[0, 0], partial[1, 0])
+    if not np.all(np.isfinite(partial[1, 0])):  # blocked sums overflowed: float64 throughout
+        partial[:] = 0
+        moments_rows64(x, first, 0, x.shape[0], partial[0, 0], partial[1, 0])
     train_coefficients(partial, first, x.shape[0], eps, weight, bias, coef)
     affine_rows(x, coef[0], coef[1], coef[2], 0, x.shape[0], y)
 
@@ -444,6 +471,9 @@ def backward_rows_whole(x, dy, pivot, invstd, weight, delta, batch_stats, dx, co
     """Backward of (R, C) on the calling thread: dx, and coef as in backward_coefficients."""
     partial = np.zeros((2, 1, x.shape[1]))
     grad_sums_rows(x, dy, pivot.astype(np.float64), 0, x.shape[0], partial[0, 0], partial[1, 0])
+    if not np.all(np.isfinite(partial[1, 0])):  # blocked sums overflowed: float64 throughout
+        partial[:] = 0
+        grad_sums_rows64(x, dy, pivot.astype(np.float64), 0, x.shape[0], partial[0, 0], partial[1, 0])
     backward_coefficients(partial, invstd, weight, delta, x.shape[0], batch_stats, coef)
     grad_input_rows(x, dy, pivot, coef[0], coef[1], coef[2], 0, x.shape[0], dx)
 
@@ -496,6 +526,30 @@ def moments_planes_par(x, pivot, parts, partial):  # pragma: no cover - compiled
     units = x.shape[0] * x.shape[1]
     for p in nb.prange(parts):
         moments_planes(x, pivot, units * p // parts, units * (p + 1) // parts, partial[p, 0], partial[p, 1])
+
+
+@_kernel
+def grad_sums_rows64(x, dy, pivot, lo, hi, sum_dy, sum_dy_d):  # pragma: no cover - compiled
+    """As ``grad_sums_rows``, summed in float64 throughout (see ``moments_rows64``)."""
+    features = x.shape[1]
+    r = lo
+    while r + 4 <= hi:  # four rows per sweep, as in moments_rows
+        for c in range(features):
+            p = pivot[c]
+            g0 = np.float64(dy[r, c])
+            g1 = np.float64(dy[r + 1, c])
+            g2 = np.float64(dy[r + 2, c])
+            g3 = np.float64(dy[r + 3, c])
+            sum_dy[c] += (g0 + g1) + (g2 + g3)
+            sum_dy_d[c] += (g0 * (np.float64(x[r, c]) - p) + g1 * (np.float64(x[r + 1, c]) - p)) + (
+                g2 * (np.float64(x[r + 2, c]) - p) + g3 * (np.float64(x[r + 3, c]) - p)
+            )
+        r += 4
+    for r in range(r, hi):
+        for c in range(features):
+            g = np.float64(dy[r, c])
+            sum_dy[c] += g
+            sum_dy_d[c] += g * (np.float64(x[r, c]) - pivot[c])
 
 
 @_parallel

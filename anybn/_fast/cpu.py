@@ -181,6 +181,10 @@ class CpuPath:
         first = (xv[0] if view.rows else xv[0, :, 0]).astype(np.float64)
         kernel = self._k.moments_rows if view.rows else self._k.moments_planes
         s1, s2 = self._reduce(kernel, view, (xv, first))
+        if view.rows and not np.all(np.isfinite(s2)):
+            # the rows kernel sums blocks in x's dtype: squares of float32 deviations past
+            # ~1.8e19 overflow there, so such inputs (and NaN/inf ones) are summed again in float64
+            s1, s2 = self._reduce(self._k.moments_rows64, view, (xv, first))
         return Sums(view.count, first, s1, s2)
 
     def apply(self, xp: Any, x: np.ndarray, layout: Layout, pivot: Any, scale: Any, shift: Any, *,
@@ -208,6 +212,8 @@ class CpuPath:
             kernel = self._k.grad_sums_act_rows if view.rows else self._k.grad_sums_act_planes
             args += _act_args(self._k, view, act, x.dtype)
         sum_dy, sum_dy_d = self._reduce(kernel, view, args)
+        if view.rows and act is None and not np.all(np.isfinite(sum_dy_d)):  # as in moments
+            sum_dy, sum_dy_d = self._reduce(self._k.grad_sums_rows64, view, args)
         return GradSums(sum_dy, None if pivot is None else sum_dy_d)
 
     def grad_apply(self, xp: Any, x: np.ndarray, dy: np.ndarray, layout: Layout, pivot: Any, a: Any, b: Any,
