@@ -515,3 +515,20 @@ def test_threads_measure_runs_each_case(monkeypatch):
         got = threads.measure(library, 1)
         assert set(got) == {f"{s} {op}" for s in ("8x3", "nhwc:2x2x2x3") for op in ("train", "backward", "eval")}
         assert all(v > 0 for v in got.values())
+
+
+def test_separate_runs_each_backend_in_its_own_process():
+    """--separate: one process per backend, the rows merged and the ratios to PyTorch redone."""
+    pytest.importorskip("torch")
+    done = subprocess.run([sys.executable, "-m", "anybn", "bench", "--separate", "--backend", "numpy-generic,torch",
+                           "--shapes", "8x3", "--ops", "train", "--rounds", "2", "--json", "--no-progress"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert report["separate"] is True
+    rows = {r["backend"]: r for r in report["results"]}
+    assert set(rows) == {"numpy-generic", "torch"}
+    assert rows["torch"]["vs_torch_raw"] == 1.0
+    assert rows["numpy-generic"]["vs_torch_raw"] == pytest.approx(
+        rows["numpy-generic"]["median_ms"] / rows["torch"]["median_ms"])
+    assert rows["numpy-generic"]["accurate"]

@@ -102,6 +102,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true",
                         help="write the results as JSON to stdout (the table is not printed)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    parser.add_argument("--separate", action="store_true",
+                        help="time each backend in a process of its own (the rounds still interleave within "
+                             "it) and leave OMP_WAIT_POLICY as it is: no backend's thread pool shares the cores "
+                             "with another's, so 2-thread ratios are fair to both sides")
     parser.add_argument("--sweep", action="store_true",
                         help="the size sweep: float32 NCHW x from 64 KiB to 512 MiB (replaces --shapes; "
                              "backends numpy-fast and torch unless --backend is given); plot it with "
@@ -324,6 +328,48 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.0f}%"
 
 
+_SEPARATE_CHILD = "ANYBN_BENCH_SEPARATE"
+
+
+def measure_separately(
+    shape_specs: Sequence[str | shapes.Shape],
+    ops: Sequence[str],
+    backend_names: Sequence[str],
+    *,
+    dtype: str = "float32",
+    rounds: int = DEFAULT_ROUNDS,
+    threads: int = 2,
+) -> dict[str, Any]:
+    """As :func:`measure`, with each backend in a fresh interpreter of its own.
+
+    In one process, the OpenMP pools of two backends (numba's for anybn's fast path,
+    PyTorch's own) take turns on the same cores: spinning workers of one slow the other,
+    sleeping ones (``OMP_WAIT_POLICY=PASSIVE``) pay a wake-up per pass. Here each process
+    holds one pool, and the ratios to PyTorch divide medians of different processes. The
+    copy is timed in each process; the report keeps the first process's copies.
+    """
+    import subprocess
+
+    specs = ",".join(s.spec if isinstance(s, shapes.Shape) else str(s) for s in shape_specs)
+    env = dict(os.environ, **{_SEPARATE_CHILD: "1"})
+    reports = []
+    for backend in backend_names:
+        cmd = [sys.executable, "-m", "anybn", "bench", "--backend", backend, "--shapes", specs, "--ops",
+               ",".join(ops), "--dtype", dtype, "--rounds", str(rounds), "--threads", str(threads), "--json",
+               "--no-progress"]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if done.returncode not in (0, 1):  # 1: a wrong result, reported in the rows
+            raise RuntimeError(f"anybn bench --backend {backend} failed: {done.stderr[-2000:]}")
+        reports.append(json.loads(done.stdout))
+    results = [row for r in reports for row in r["results"]]
+    for row in results:  # each process's ratios were to a peer it did not hold: redo them
+        row.pop("vs_torch", None)
+    _add_ratios(results)
+    report = dict(reports[0])
+    report.update(results=results, skipped=[s for r in reports for s in r["skipped"]], separate=True)
+    return report
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark the parsed ``args`` ask for; 1 when an anybn backend got a wrong answer."""
     if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
@@ -333,15 +379,20 @@ def run(args: argparse.Namespace) -> int:
     # (8-48 ms stalls of every torch call were seen, uniform across rounds, so no spread
     # test catches them): make them sleep. libgomp reads this when torch loads; an
     # explicit setting is kept.
-    if "torch" not in sys.modules:
+    separate = args.separate or os.environ.get(_SEPARATE_CHILD) == "1"
+    if "torch" not in sys.modules and not separate:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     shape_specs, backend_names = args.shapes, args.backend
     if args.sweep:
         shape_specs = list(shapes.SWEEP_SHAPES)
         if backend_names == list(backends.BACKENDS):  # not narrowed by the user
             backend_names = ["numpy-fast", "torch"]
-    report = measure(shape_specs, args.ops, backend_names, dtype=args.dtype, rounds=args.rounds,
-                     threads=args.threads, show_progress=not args.no_progress)
+    if args.separate:
+        report = measure_separately(shape_specs, args.ops, backend_names, dtype=args.dtype, rounds=args.rounds,
+                                    threads=args.threads)
+    else:
+        report = measure(shape_specs, args.ops, backend_names, dtype=args.dtype, rounds=args.rounds,
+                         threads=args.threads, show_progress=not args.no_progress)
     report["sweep"] = bool(args.sweep)
     if args.json:
         print(json.dumps(report, indent=1))
