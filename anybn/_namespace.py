@@ -169,3 +169,21 @@ def restore(name: str | None, device: Any) -> tuple[Namespace | None, Any]:
 
         device = next(d for d in jax.devices(device[1]) if d.id == device[2])
     return xp, device
+
+
+class PortableState:
+    """Pickling for objects that hold a namespace module in ``_xp`` and a device in
+    ``_device``: neither a module nor a JAX device pickles, their names do."""
+
+    _xp: Namespace
+    _device: Any
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_xp"], state["_device"] = portable(self._xp, self._device)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        state["_xp"], state["_device"] = restore(state["_xp"], state["_device"])
+        self.__dict__.update(state)

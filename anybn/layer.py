@@ -9,7 +9,7 @@ import array_api_compat
 
 from . import interop
 from ._checks import check_axis, check_eps, check_momentum, check_num_features, check_real
-from ._namespace import Array, describe, library_name, namespace_from_module, namespace_of, portable, restore
+from ._namespace import Array, PortableState, describe, library_name, namespace_from_module, namespace_of
 from ._kernels import ACTIVATIONS
 from ._saved import BatchNormSaved
 from .functional import _fixed, _train_synchronized, batch_norm_backward, batch_norm_train, update_running_stats
@@ -18,7 +18,7 @@ from .population import Method, PopulationStats
 __all__ = ["BatchNorm"]
 
 
-class BatchNorm:
+class BatchNorm(PortableState):
     """Batch normalization layer with PyTorch's semantics, on any array-API backend.
 
     In training mode (the default) ``layer(x)`` normalizes with the batch statistics and
@@ -265,12 +265,7 @@ class BatchNorm:
             y, saved = batch_norm_train(x, self.weight, self.bias, axis=self.axis, eps=self.eps,
                                         virtual_batch_size=virtual, **fused)
             if self.training and self.track_running_stats:
-                assert self.running_mean is not None and self.running_var is not None
-                self.num_batches_tracked += 1
-                self.running_mean, self.running_var = update_running_stats(
-                    self.running_mean, self.running_var, saved, momentum=self.momentum,
-                    num_batches_tracked=self.num_batches_tracked,
-                )
+                self._track(saved)
         else:
             y, saved = _fixed("BatchNorm", x, self.running_mean, self.running_var, self.weight, self.bias,
                               axis=self.axis, eps=self.eps, **fused)
@@ -291,14 +286,18 @@ class BatchNorm:
         if self.population is not None:
             self.population.update_from(saved)
         elif self.training and self.track_running_stats:
-            assert self.running_mean is not None and self.running_var is not None
-            self.num_batches_tracked += 1
-            self.running_mean, self.running_var = update_running_stats(
-                self.running_mean, self.running_var, saved, momentum=self.momentum,
-                num_batches_tracked=self.num_batches_tracked,
-            )
+            self._track(saved)
         self._saved = saved
         return y
+
+    def _track(self, saved: BatchNormSaved) -> None:
+        """Count the batch and move the running statistics towards its statistics."""
+        assert self.running_mean is not None and self.running_var is not None
+        self.num_batches_tracked += 1
+        self.running_mean, self.running_var = update_running_stats(
+            self.running_mean, self.running_var, saved, momentum=self.momentum,
+            num_batches_tracked=self.num_batches_tracked,
+        )
 
     def backward(self, dy: Array) -> Array:
         """Gradient with respect to the input of the last forward pass.
@@ -486,18 +485,6 @@ class BatchNorm:
             track_running_stats=self.track_running_stats, ones=self._full(1.0), zeros=self._full(0.0),
         )
         self.load_state_dict(state)
-
-    # -- pickling: the namespace module and JAX devices do not pickle; their names do ----
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_xp"], state["_device"] = portable(self._xp, self._device)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        state = dict(state)
-        state["_xp"], state["_device"] = restore(state["_xp"], state["_device"])
-        self.__dict__.update(state)
 
     def __repr__(self) -> str:
         return (

@@ -18,8 +18,7 @@ from ._namespace import (
     describe,
     library_name,
     namespace_of,
-    portable,
-    restore,
+    PortableState,
 )
 from ._saved import BatchNormSaved
 from ._steps import Stats, stats_from_sums
@@ -29,7 +28,7 @@ __all__ = ["PopulationStats"]
 Method = Literal["paper", "pooled"]
 
 
-class PopulationStats:
+class PopulationStats(PortableState):
     """Per-feature population mean and variance, accumulated one batch at a time.
 
     Two estimates come out of the same pass over the data:
@@ -78,17 +77,6 @@ class PopulationStats:
         self._batches = 0
         self._total: BatchMoments | None = None  # all values, merged exactly
         self._within_m2: Array | None = None  # sum over batches of m_i * var_i
-
-    def __getstate__(self) -> dict[str, Any]:
-        # the namespace module and JAX devices do not pickle; their names do
-        state = self.__dict__.copy()
-        state["_xp"], state["_device"] = portable(self._xp, self._device)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        state = dict(state)
-        state["_xp"], state["_device"] = restore(state["_xp"], state["_device"])
-        self.__dict__.update(state)
 
     @property
     def num_batches(self) -> int:

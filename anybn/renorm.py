@@ -22,7 +22,7 @@ from ._checks import check_real
 from ._namespace import Array, Namespace, compute_dtype
 from ._saved import BatchNormSaved
 from ._steps import stats_from_sums, train_coefficients
-from .functional import _batch_saved, _validated, batch_norm_train, update_running_stats
+from .functional import _batch_saved, _validated, batch_norm_train
 from .layer import BatchNorm
 
 __all__ = ["BatchRenorm", "batch_renorm_train", "renorm_limits"]
@@ -263,11 +263,7 @@ class BatchRenorm(BatchNorm):
         assert self.running_mean is not None and self.running_var is not None
         y, saved = batch_renorm_train(x, self.weight, self.bias, self.running_mean, self.running_var,
                                       rmax=self._rmax, dmax=self._dmax, axis=self.axis, eps=self.eps)
-        self.num_batches_tracked += 1
-        self.running_mean, self.running_var = update_running_stats(
-            self.running_mean, self.running_var, saved, momentum=self.momentum,
-            num_batches_tracked=self.num_batches_tracked,
-        )
+        self._track(saved)
         self._saved = saved
         return y
 
