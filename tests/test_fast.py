@@ -389,15 +389,21 @@ def test_a_broken_numba_leaves_the_generic_path_serving(monkeypatch):
     assert not path.serves("train", NP, (np.ones((4, 3)),))
 
 
-def test_numba_pool_and_python_threads_give_the_same_bits(monkeypatch):
+@pytest.mark.parametrize("shape, axis, dtype", [
+    ((6, 16, 33, 40), 1, np.float32),  # forward on the calling thread, backward split
+    ((8, 16, 40, 40), 1, np.float32),  # planes by groups of features
+    ((2048, 130), 1, np.float32),  # rows
+    ((16, 30, 30, 40), -1, np.float64),  # channels-last rows
+])
+def test_numba_pool_and_python_threads_give_the_same_bits(monkeypatch, shape, axis, dtype):
     """The passes split the same ranges whichever threads run them: identical results."""
     monkeypatch.delenv("ANYBN_FAST_PATHS", raising=False)
     monkeypatch.setenv("ANYBN_NUM_THREADS", "2")
     path = _fast.select("train", NP, np.ones((4, 3), np.float32))
-    x, dy, w, b = _data((6, 16, 33, 40), 1, np.float32, offset=2.0)
-    pooled = _run_all(x, dy, w, b, 1)
+    x, dy, w, b = _data(shape, axis, dtype, offset=2.0)
+    pooled = _run_all(x, dy, w, b, axis)
     monkeypatch.setattr(path, "_pool_pid", -1)  # as where numba's pool cannot serve
-    threaded = _run_all(x, dy, w, b, 1)
+    threaded = _run_all(x, dy, w, b, axis)
     for key in pooled:
         np.testing.assert_array_equal(pooled[key], threaded[key], err_msg=key)
 

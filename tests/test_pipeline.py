@@ -112,10 +112,15 @@ def test_cpu_path_holds_no_coefficient_arithmetic():
 
 
 @pytest.mark.skipif(not numpy_fast_path_installed(), reason="no NumPy fast path (pip install 'anybn[fast]')")
+@pytest.mark.parametrize("threads", ["1", "2"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("shape, axis", [((64, 7), 1), ((4, 5, 6, 7), 1), ((4, 6, 7, 5), -1)])
-def test_small_input_whole_steps_equal_the_stages(monkeypatch, shape, axis, dtype):
-    """The CPU path's whole-step kernels (small inputs) against its own stages and float64.
+@pytest.mark.parametrize("shape, axis", [
+    ((64, 7), 1), ((4, 5, 6, 7), 1), ((4, 6, 7, 5), -1),  # small: one call on the calling thread
+    ((2048, 130), 1), ((16, 40, 30, 30), 1), ((16, 30, 30, 40), -1),  # large: split across threads
+    ((3, 400, 23, 29), 1),  # planes in several groups of features (2 MiB of x in float64)
+])
+def test_whole_steps_equal_the_stages(monkeypatch, shape, axis, dtype, threads):
+    """The CPU path's whole-step kernels (plain BN) against its own stages and float64.
 
     Both compute the same float64 sums and round the same coefficients to x's dtype: they
     may differ by the rounding of the pivot split (mean rounded vs one sample), a few ulps
@@ -123,6 +128,7 @@ def test_small_input_whole_steps_equal_the_stages(monkeypatch, shape, axis, dtyp
     """
     from anybn._fast.cpu import CpuPath
 
+    monkeypatch.setenv("ANYBN_NUM_THREADS", threads)
     rng = np.random.default_rng(1)
     x = (5.0 + 2.0 * rng.standard_normal(shape)).astype(dtype)
     dy = rng.standard_normal(shape).astype(dtype)
@@ -144,8 +150,19 @@ def test_small_input_whole_steps_equal_the_stages(monkeypatch, shape, axis, dtyp
         scale = max(float(np.max(np.abs(want))), 1.0)
         m = x.size // c if what in ("dweight", "dbias") else 1
         assert np.max(np.abs(got - want)) <= 8 * ulp * scale * m, what
-    y64 = reference_batch_norm(x.astype(np.float64), axis, w.astype(np.float64), b.astype(np.float64))
-    assert np.max(np.abs(whole[0] - y64)) <= 16 * ulp * np.max(np.abs(y64))
+    # both against a reference in long double (64-bit significand on x86): the fast path's
+    # statistics carry at most stat_u relative error (float32: blocks of 16 rows summed in
+    # float32 and flushed to float64; float64: recursive float64 sums of at most m terms
+    # after blocks of 16), which reaches y through the mean and the scale
+    xl = np.moveaxis(x.astype(np.longdouble), axis, -1)
+    mean_l = xl.mean(axis=tuple(range(xl.ndim - 1)))
+    invstd_l = 1 / np.sqrt(((xl - mean_l) ** 2).mean(axis=tuple(range(xl.ndim - 1))) + np.longdouble(1e-5))
+    y_l = (xl - mean_l) * invstd_l * w.astype(np.longdouble) + b.astype(np.longdouble)
+    u, m = ulp / 2, x.size // c
+    stat_u = 16 * u + m * 2.0**-53 if dtype == "float32" else (16 + m) * u
+    r = float(np.max(np.abs((xl - mean_l) * invstd_l)))
+    bound = 16 * ulp * float(np.max(np.abs(y_l))) + 8 * stat_u * float(np.max(np.abs(w))) * (1 + r)
+    assert float(np.max(np.abs(np.moveaxis(whole[0], axis, -1) - y_l))) <= bound
 
 
 # -- batch_norm_fixed ---------------------------------------------------------------------

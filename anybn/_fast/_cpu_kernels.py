@@ -160,6 +160,30 @@ def grad_sums_rows(x, dy, pivot, lo, hi, sum_dy, sum_dy_d):  # pragma: no cover 
 
 
 @_kernel
+def grad_sums_rows64(x, dy, pivot, lo, hi, sum_dy, sum_dy_d):  # pragma: no cover - compiled
+    """As ``grad_sums_rows``, summed in float64 throughout (see ``moments_rows64``)."""
+    features = x.shape[1]
+    r = lo
+    while r + 4 <= hi:  # four rows per sweep, as in moments_rows
+        for c in range(features):
+            p = pivot[c]
+            g0 = np.float64(dy[r, c])
+            g1 = np.float64(dy[r + 1, c])
+            g2 = np.float64(dy[r + 2, c])
+            g3 = np.float64(dy[r + 3, c])
+            sum_dy[c] += (g0 + g1) + (g2 + g3)
+            sum_dy_d[c] += (g0 * (np.float64(x[r, c]) - p) + g1 * (np.float64(x[r + 1, c]) - p)) + (
+                g2 * (np.float64(x[r + 2, c]) - p) + g3 * (np.float64(x[r + 3, c]) - p)
+            )
+        r += 4
+    for r in range(r, hi):
+        for c in range(features):
+            g = np.float64(dy[r, c])
+            sum_dy[c] += g
+            sum_dy_d[c] += g * (np.float64(x[r, c]) - pivot[c])
+
+
+@_kernel
 def grad_sums_planes(x, dy, pivot, lo, hi, sum_dy, sum_dy_d):  # pragma: no cover - compiled
     """As ``grad_sums_rows`` for (N, C, L), over planes lo..hi."""
     features, inner = x.shape[1], x.shape[2]
@@ -355,45 +379,84 @@ def grad_input_act_planes(x, dy, pivot, a, b, k, zp, zs, zt, res, act, lo, hi, d
                 dx[n, c, i] = kc * (g + ac * (x[n, c, i] - pc) + bc)
 
 
-# ------------------------------------- whole steps for small inputs, on the calling thread only
-# Below ~512 KiB a step is dominated by call overhead: the stages' ~25 small NumPy calls cost
-# more than the passes over x (256 x 64 float32: 42 us staged, 18 us whole). These chain the
-# kernels above with the coefficient formulas of anybn._steps compiled alongside: the one
-# place the coefficients are written twice, kept for plain BN only (variants take the
-# stages) and proven equal to the stages by tests/test_fast.py. An absent weight or bias is
-# an empty array; rounding to x's dtype happens by storing into ``out``, whose dtype is x's.
+# ------------------------------------------------------------- whole steps in one compiled call
+# A step through the stages makes ~25 small NumPy calls between its passes (256 x 64 float32:
+# 42 us staged, 18 us whole), and on two threads each Python gap between two parallel passes
+# also costs the pool's hand-over. For plain batch normalization the CPU path therefore runs
+# the whole step in one compiled call: the kernels above chained with the coefficient
+# formulas of anybn._steps compiled alongside. That is the one place the coefficients are
+# written twice; variants (activation, ghost, renorm, synchronized) take the stages, and
+# tests/test_pipeline.py proves both equal. An absent weight or bias is an empty array;
+# rounding to x's dtype happens by storing into ``out``/``coef``, whose dtype is x's.
+#
+# Planes (N, C, L) go one feature at a time: its sums, its coefficients, then its apply while
+# the feature's N planes are still in cache, so x (and dy) come from memory once per step
+# instead of twice (torch's NCHW backward does the same). The split across threads is by
+# features. Rows (R, C) cannot be taken apart by feature (every row holds all of them): their
+# steps run the two parallel passes inside one call, with the coefficients between them.
+# Partial sums live in (parts, 2, C + 8) buffers: each part's two sums 64 bytes apart beyond
+# C, so sums a multiple of 4 KiB apart do not stall loads behind stores (4K aliasing).
 
 
-@nb.njit(nogil=True, cache=True)
-def train_coefficients(partial, first, count, eps, weight, bias, out):  # pragma: no cover - compiled
-    """From the partial sums (2, parts, C) of x - first: out = pivot, scale, shift, invstd, var, delta.
+@nb.njit(inline="always")
+def _train_coefficient(s1, s2, first, count, eps, weight, bias, c, out):  # pragma: no cover - compiled
+    """out[:, c] = pivot, scale, shift, invstd, var, delta of feature c from its sums of x - first.
 
     pivot is the mean rounded to out's dtype and delta = mean - pivot, so that
     y = (x - pivot) * scale + shift with shift = bias - delta * scale.
     """
+    shifted_mean = s1 / count
+    var = s2 / count - shifted_mean * shifted_mean
+    if var < 0.0:  # rounding only; NaN stays NaN
+        var = 0.0
+    mean = first + shifted_mean
+    invstd = 1.0 / np.sqrt(var + eps)
+    scale = invstd * weight[c] if weight.size else invstd
+    out[0, c] = mean
+    delta = mean - np.float64(out[0, c])
+    shift = -delta * scale
+    if bias.size:
+        shift += bias[c]
+    out[1, c] = scale
+    out[2, c] = shift
+    out[3, c] = invstd
+    out[4, c] = var
+    out[5, c] = delta
+
+
+@nb.njit(inline="always")
+def _backward_coefficient(sum_dy, sum_dy_d, invstd, weight, delta, count, batch_stats, c,
+                          out):  # pragma: no cover - compiled
+    """out[:, c] = a, b, k, dweight, dbias of feature c from its sums of dy and dy * (x - pivot).
+
+    dx = k * (dy + a * (x - pivot) + b) (a = b = 0 for fixed statistics), with
+    dweight = sum(dy * x-hat) and dbias = sum(dy).
+    """
+    istd = np.float64(invstd[c])
+    dlt = np.float64(delta[c]) if delta.size else 0.0
+    sum_dy_xhat = (sum_dy_d - dlt * sum_dy) * istd
+    a = 0.0
+    b = 0.0
+    if batch_stats:
+        a = -istd * sum_dy_xhat / count
+        b = -sum_dy / count - a * dlt
+    out[0, c] = a
+    out[1, c] = b
+    out[2, c] = istd * weight[c] if weight.size else istd
+    out[3, c] = sum_dy_xhat
+    out[4, c] = sum_dy
+
+
+@nb.njit(nogil=True, cache=True)
+def train_coefficients(partial, first, count, eps, weight, bias, out):  # pragma: no cover - compiled
+    """From the partial sums (parts, 2, >= C) of x - first: out (6, C) as in _train_coefficient."""
     for c in range(first.shape[0]):
         s1 = 0.0
         s2 = 0.0
-        for p in range(partial.shape[1]):
-            s1 += partial[0, p, c]
-            s2 += partial[1, p, c]
-        shifted_mean = s1 / count
-        var = s2 / count - shifted_mean * shifted_mean
-        if var < 0.0:  # rounding only; NaN stays NaN
-            var = 0.0
-        mean = first[c] + shifted_mean
-        invstd = 1.0 / np.sqrt(var + eps)
-        scale = invstd * weight[c] if weight.size else invstd
-        out[0, c] = mean
-        delta = mean - np.float64(out[0, c])
-        shift = -delta * scale
-        if bias.size:
-            shift += bias[c]
-        out[1, c] = scale
-        out[2, c] = shift
-        out[3, c] = invstd
-        out[4, c] = var
-        out[5, c] = delta
+        for p in range(partial.shape[0]):
+            s1 += partial[p, 0, c]
+            s2 += partial[p, 1, c]
+        _train_coefficient(s1, s2, first[c], count, eps, weight, bias, c, out)
 
 
 @nb.njit(nogil=True, cache=True)
@@ -414,78 +477,146 @@ def eval_coefficients(mean, var, eps, weight, bias, out):  # pragma: no cover - 
 
 @nb.njit(nogil=True, cache=True)
 def backward_coefficients(partial, invstd, weight, delta, count, batch_stats, out):  # pragma: no cover - compiled
-    """From the partial sums (2, parts, C) of dy and dy * (x - pivot): out = a, b, k, dweight, dbias.
-
-    dx = k * (dy + a * (x - pivot) + b) (a = b = 0 for fixed statistics), with
-    dweight = sum(dy * x-hat) and dbias = sum(dy).
-    """
+    """From the partial sums (parts, 2, >= C) of dy and dy * (x - pivot): out (5, C) as in
+    _backward_coefficient."""
     for c in range(invstd.shape[0]):
         sum_dy = 0.0
         sum_dy_d = 0.0
-        for p in range(partial.shape[1]):
-            sum_dy += partial[0, p, c]
-            sum_dy_d += partial[1, p, c]
-        istd = np.float64(invstd[c])
-        dlt = np.float64(delta[c]) if delta.size else 0.0
-        sum_dy_xhat = (sum_dy_d - dlt * sum_dy) * istd
-        a = 0.0
-        b = 0.0
-        if batch_stats:
-            a = -istd * sum_dy_xhat / count
-            b = -sum_dy / count - a * dlt
-        out[0, c] = a
-        out[1, c] = b
-        out[2, c] = istd * weight[c] if weight.size else istd
-        out[3, c] = sum_dy_xhat
-        out[4, c] = sum_dy
+        for p in range(partial.shape[0]):
+            sum_dy += partial[p, 0, c]
+            sum_dy_d += partial[p, 1, c]
+        _backward_coefficient(sum_dy, sum_dy_d, invstd, weight, delta, count, batch_stats, c, out)
 
 
+@nb.njit(nogil=True, cache=True)
+def _all_finite(partial, features):  # pragma: no cover - compiled
+    for p in range(partial.shape[0]):
+        for c in range(features):
+            if not np.isfinite(partial[p, 1, c]):
+                return False
+    return True
+
+
+# ---- planes: one feature at a time
+
+
+@_kernel
+def train_planes_features(x, eps, weight, bias, lo, hi, y, coef):  # pragma: no cover - compiled
+    """Training forward of (N, C, L) for the group of features lo..hi: their sums, their
+    coefficients, then their apply, so that the apply finds the group's planes in cache.
+
+    Within each sample the group's planes are one contiguous run, read in order (feature by
+    feature, each plane's prefetch stream restarts: 1.7x slower measured). coef (6, C) as in
+    _train_coefficient; the sums are those of ``moments_planes``.
+    """
+    planes, inner = x.shape[0], x.shape[2]
+    count = planes * inner
+    s1 = np.zeros(hi - lo)
+    s2 = np.zeros(hi - lo)
+    for n in range(planes):
+        for c in range(lo, hi):
+            first = np.float64(x[0, c, 0])
+            a1 = 0.0
+            a2 = 0.0
+            for i in range(inner):
+                d = np.float64(x[n, c, i]) - first
+                a1 += d
+                a2 += d * d
+            s1[c - lo] += a1
+            s2[c - lo] += a2
+    for c in range(lo, hi):
+        _train_coefficient(s1[c - lo], s2[c - lo], np.float64(x[0, c, 0]), count, eps, weight, bias, c, coef)
+    for n in range(planes):
+        for c in range(lo, hi):
+            pc, sc, tc = coef[0, c], coef[1, c], coef[2, c]
+            for i in range(inner):
+                y[n, c, i] = (x[n, c, i] - pc) * sc + tc
+
+
+@_kernel
+def backward_planes_features(x, dy, pivot, invstd, weight, delta, batch_stats, lo, hi, dx,
+                             coef):  # pragma: no cover - compiled
+    """Backward of (N, C, L) for the group of features lo..hi, as ``train_planes_features``:
+    coef (5, C) as in _backward_coefficient; the sums are those of ``grad_sums_planes``."""
+    planes, inner = x.shape[0], x.shape[2]
+    count = planes * inner
+    s1 = np.zeros(hi - lo)
+    s2 = np.zeros(hi - lo)
+    for n in range(planes):
+        for c in range(lo, hi):
+            shift = np.float64(pivot[c])
+            a1 = 0.0
+            a2 = 0.0
+            for i in range(inner):
+                g = np.float64(dy[n, c, i])
+                a1 += g
+                a2 += g * (np.float64(x[n, c, i]) - shift)
+            s1[c - lo] += a1
+            s2[c - lo] += a2
+    for c in range(lo, hi):
+        _backward_coefficient(s1[c - lo], s2[c - lo], invstd, weight, delta, count, batch_stats, c, coef)
+    for n in range(planes):
+        for c in range(lo, hi):
+            pc, ac, bc, kc = pivot[c], coef[0, c], coef[1, c], coef[2, c]
+            for i in range(inner):
+                dx[n, c, i] = kc * (dy[n, c, i] + ac * (x[n, c, i] - pc) + bc)
+
+
+@nb.njit(nogil=True, cache=True)
+def train_planes_whole(x, eps, weight, bias, groups, y, coef):  # pragma: no cover - compiled
+    """Training forward of (N, C, L) on the calling thread, in ``groups`` groups of features:
+    y, and coef (6, C)."""
+    features = x.shape[1]
+    for g in range(groups):
+        train_planes_features(x, eps, weight, bias, features * g // groups, features * (g + 1) // groups, y, coef)
+
+
+@nb.njit(nogil=True, cache=True)
+def backward_planes_whole(x, dy, pivot, invstd, weight, delta, batch_stats, groups, dx,
+                          coef):  # pragma: no cover - compiled
+    """Backward of (N, C, L) on the calling thread, in ``groups`` groups of features: dx, and coef (5, C)."""
+    features = x.shape[1]
+    for g in range(groups):
+        backward_planes_features(x, dy, pivot, invstd, weight, delta, batch_stats, features * g // groups,
+                                 features * (g + 1) // groups, dx, coef)
+
+
+@nb.njit(nogil=True, cache=True)
+def eval_planes_whole(x, mean, var, eps, weight, bias, y, coef):  # pragma: no cover - compiled
+    """Inference of (N, C, L) on the calling thread: coef (3, C) as in eval_coefficients."""
+    eval_coefficients(mean, var, eps, weight, bias, coef)
+    affine_planes(x, coef[0], coef[1], coef[2], 0, x.shape[0] * x.shape[1], y)
+
+
+# ---- rows: two passes with the coefficients between them
 
 
 @nb.njit(nogil=True, cache=True)
 def train_rows_whole(x, eps, weight, bias, y, coef):  # pragma: no cover - compiled
-    """Training forward of (R, C) on the calling thread: y and coef as in train_coefficients."""
+    """Training forward of (R, C) on the calling thread: y, and coef (6, C) as in _train_coefficient."""
+    features = x.shape[1]
     first = x[0].astype(np.float64)
-    partial = np.zeros((2, 1, x.shape[1]))
-    moments_rows(x, first, 0, x.shape[0], partial[0, 0], partial[1, 0])
-    if not np.all(np.isfinite(partial[1, 0])):  # blocked sums overflowed: float64 throughout
+    partial = np.zeros((1, 2, features + 8))
+    moments_rows(x, first, 0, x.shape[0], partial[0, 0, :features], partial[0, 1, :features])
+    if not _all_finite(partial, features):  # blocked sums overflowed: float64 throughout
         partial[:] = 0
-        moments_rows64(x, first, 0, x.shape[0], partial[0, 0], partial[1, 0])
+        moments_rows64(x, first, 0, x.shape[0], partial[0, 0, :features], partial[0, 1, :features])
     train_coefficients(partial, first, x.shape[0], eps, weight, bias, coef)
     affine_rows(x, coef[0], coef[1], coef[2], 0, x.shape[0], y)
 
 
 @nb.njit(nogil=True, cache=True)
-def train_planes_whole(x, eps, weight, bias, y, coef):  # pragma: no cover - compiled
-    """As train_rows_whole for (N, C, L)."""
-    first = x[0, :, 0].astype(np.float64)
-    partial = np.zeros((2, 1, x.shape[1]))
-    units = x.shape[0] * x.shape[1]
-    moments_planes(x, first, 0, units, partial[0, 0], partial[1, 0])
-    train_coefficients(partial, first, x.shape[0] * x.shape[2], eps, weight, bias, coef)
-    affine_planes(x, coef[0], coef[1], coef[2], 0, units, y)
-
-
-@nb.njit(nogil=True, cache=True)
 def backward_rows_whole(x, dy, pivot, invstd, weight, delta, batch_stats, dx, coef):  # pragma: no cover
-    """Backward of (R, C) on the calling thread: dx, and coef as in backward_coefficients."""
-    partial = np.zeros((2, 1, x.shape[1]))
-    grad_sums_rows(x, dy, pivot.astype(np.float64), 0, x.shape[0], partial[0, 0], partial[1, 0])
-    if not np.all(np.isfinite(partial[1, 0])):  # blocked sums overflowed: float64 throughout
+    """Backward of (R, C) on the calling thread: dx, and coef (5, C) as in _backward_coefficient."""
+    features = x.shape[1]
+    p64 = pivot.astype(np.float64)
+    partial = np.zeros((1, 2, features + 8))
+    grad_sums_rows(x, dy, p64, 0, x.shape[0], partial[0, 0, :features], partial[0, 1, :features])
+    if not _all_finite(partial, features):  # blocked sums overflowed: float64 throughout
         partial[:] = 0
-        grad_sums_rows64(x, dy, pivot.astype(np.float64), 0, x.shape[0], partial[0, 0], partial[1, 0])
+        grad_sums_rows64(x, dy, p64, 0, x.shape[0], partial[0, 0, :features], partial[0, 1, :features])
     backward_coefficients(partial, invstd, weight, delta, x.shape[0], batch_stats, coef)
     grad_input_rows(x, dy, pivot, coef[0], coef[1], coef[2], 0, x.shape[0], dx)
-
-
-@nb.njit(nogil=True, cache=True)
-def backward_planes_whole(x, dy, pivot, invstd, weight, delta, batch_stats, dx, coef):  # pragma: no cover
-    """As backward_rows_whole for (N, C, L)."""
-    partial = np.zeros((2, 1, x.shape[1]))
-    units = x.shape[0] * x.shape[1]
-    grad_sums_planes(x, dy, pivot.astype(np.float64), 0, units, partial[0, 0], partial[1, 0])
-    backward_coefficients(partial, invstd, weight, delta, x.shape[0] * x.shape[2], batch_stats, coef)
-    grad_input_planes(x, dy, pivot, coef[0], coef[1], coef[2], 0, units, dx)
 
 
 @nb.njit(nogil=True, cache=True)
@@ -495,77 +626,58 @@ def eval_rows_whole(x, mean, var, eps, weight, bias, y, coef):  # pragma: no cov
     affine_rows(x, coef[0], coef[1], coef[2], 0, x.shape[0], y)
 
 
-@nb.njit(nogil=True, cache=True)
-def eval_planes_whole(x, mean, var, eps, weight, bias, y, coef):  # pragma: no cover - compiled
-    """As eval_rows_whole for (N, C, L)."""
-    eval_coefficients(mean, var, eps, weight, bias, coef)
-    affine_planes(x, coef[0], coef[1], coef[2], 0, x.shape[0] * x.shape[1], y)
-
-
 # ------------------------------------------------------- passes split across threads (prange)
 # One call runs a whole pass on numba's thread pool: ``parts`` contiguous ranges of units,
 # taken by the workers of numba's threading layer (OpenMP where available, whose workers
 # spin briefly between passes instead of sleeping). Handing each range to a Python thread
 # pool cost ~80 us per pass on 2-core VMs, more than a pass over 16 MiB takes.
 
-_parallel = nb.njit(nogil=True, cache=True, fastmath=_FLAGS, error_model="numpy", boundscheck=False,
-                    parallel=True)
+# prange loops only: NumPy calls in these functions (zeros, astype) stay serial calls
+_PRANGE_ONLY = {"comprehension": False, "reduction": False, "inplace_binop": False, "setitem": False,
+                "numpy": False, "stencil": False, "fusion": False, "prange": True}
+
+
+def _parallel(fn):  # type: ignore[no-untyped-def]
+    # a fresh dict per function: numba consumes the options it is given
+    return nb.njit(nogil=True, cache=True, fastmath=_FLAGS, error_model="numpy", boundscheck=False,
+                   parallel=dict(_PRANGE_ONLY))(fn)
 
 
 @_parallel
 def moments_rows_par(x, pivot, parts, partial):  # pragma: no cover - compiled
-    """partial[p, 0], partial[p, 1] = the sums of ``moments_rows`` over range p of ``parts``."""
-    units = x.shape[0]
+    """partial[p, 0, :C], partial[p, 1, :C] = the sums of ``moments_rows`` over range p of
+    ``parts``; partial is (parts, 2, >= C), C-contiguous, so that its slices are too."""
+    units, features = x.shape[0], x.shape[1]
     for p in nb.prange(parts):
-        moments_rows(x, pivot, units * p // parts, units * (p + 1) // parts, partial[p, 0], partial[p, 1])
+        moments_rows(x, pivot, units * p // parts, units * (p + 1) // parts, partial[p, 0, :features],
+                     partial[p, 1, :features])
 
 
 @_parallel
 def moments_planes_par(x, pivot, parts, partial):  # pragma: no cover - compiled
     """As ``moments_rows_par`` with ``moments_planes``."""
-    units = x.shape[0] * x.shape[1]
+    units, features = x.shape[0] * x.shape[1], x.shape[1]
     for p in nb.prange(parts):
-        moments_planes(x, pivot, units * p // parts, units * (p + 1) // parts, partial[p, 0], partial[p, 1])
-
-
-@_kernel
-def grad_sums_rows64(x, dy, pivot, lo, hi, sum_dy, sum_dy_d):  # pragma: no cover - compiled
-    """As ``grad_sums_rows``, summed in float64 throughout (see ``moments_rows64``)."""
-    features = x.shape[1]
-    r = lo
-    while r + 4 <= hi:  # four rows per sweep, as in moments_rows
-        for c in range(features):
-            p = pivot[c]
-            g0 = np.float64(dy[r, c])
-            g1 = np.float64(dy[r + 1, c])
-            g2 = np.float64(dy[r + 2, c])
-            g3 = np.float64(dy[r + 3, c])
-            sum_dy[c] += (g0 + g1) + (g2 + g3)
-            sum_dy_d[c] += (g0 * (np.float64(x[r, c]) - p) + g1 * (np.float64(x[r + 1, c]) - p)) + (
-                g2 * (np.float64(x[r + 2, c]) - p) + g3 * (np.float64(x[r + 3, c]) - p)
-            )
-        r += 4
-    for r in range(r, hi):
-        for c in range(features):
-            g = np.float64(dy[r, c])
-            sum_dy[c] += g
-            sum_dy_d[c] += g * (np.float64(x[r, c]) - pivot[c])
+        moments_planes(x, pivot, units * p // parts, units * (p + 1) // parts, partial[p, 0, :features],
+                       partial[p, 1, :features])
 
 
 @_parallel
 def grad_sums_rows_par(x, dy, pivot, parts, partial):  # pragma: no cover - compiled
-    """partial[p, 0], partial[p, 1] = the sums of ``grad_sums_rows`` over range p of ``parts``."""
-    units = x.shape[0]
+    """As ``moments_rows_par`` with ``grad_sums_rows``."""
+    units, features = x.shape[0], x.shape[1]
     for p in nb.prange(parts):
-        grad_sums_rows(x, dy, pivot, units * p // parts, units * (p + 1) // parts, partial[p, 0], partial[p, 1])
+        grad_sums_rows(x, dy, pivot, units * p // parts, units * (p + 1) // parts, partial[p, 0, :features],
+                       partial[p, 1, :features])
 
 
 @_parallel
 def grad_sums_planes_par(x, dy, pivot, parts, partial):  # pragma: no cover - compiled
-    """As ``grad_sums_rows_par`` with ``grad_sums_planes``."""
-    units = x.shape[0] * x.shape[1]
+    """As ``moments_rows_par`` with ``grad_sums_planes``."""
+    units, features = x.shape[0] * x.shape[1], x.shape[1]
     for p in nb.prange(parts):
-        grad_sums_planes(x, dy, pivot, units * p // parts, units * (p + 1) // parts, partial[p, 0], partial[p, 1])
+        grad_sums_planes(x, dy, pivot, units * p // parts, units * (p + 1) // parts, partial[p, 0, :features],
+                         partial[p, 1, :features])
 
 
 @_parallel
@@ -619,19 +731,19 @@ def affine_act_planes_par(x, pivot, scale, shift, res, act, parts, y):  # pragma
 @_parallel
 def grad_sums_act_rows_par(x, dy, pivot, zp, zs, zt, res, act, parts, partial):  # pragma: no cover - compiled
     """partial[p] = the sums of ``grad_sums_act_rows`` over range p of ``parts``."""
-    units = x.shape[0]
+    units, features = x.shape[0], x.shape[1]
     for p in nb.prange(parts):
         grad_sums_act_rows(x, dy, pivot, zp, zs, zt, res, act, units * p // parts, units * (p + 1) // parts,
-                           partial[p, 0], partial[p, 1])
+                           partial[p, 0, :features], partial[p, 1, :features])
 
 
 @_parallel
 def grad_sums_act_planes_par(x, dy, pivot, zp, zs, zt, res, act, parts, partial):  # pragma: no cover - compiled
     """partial[p] = the sums of ``grad_sums_act_planes`` over range p of ``parts``."""
-    units = x.shape[0] * x.shape[1]
+    units, features = x.shape[0] * x.shape[1], x.shape[1]
     for p in nb.prange(parts):
         grad_sums_act_planes(x, dy, pivot, zp, zs, zt, res, act, units * p // parts, units * (p + 1) // parts,
-                             partial[p, 0], partial[p, 1])
+                             partial[p, 0, :features], partial[p, 1, :features])
 
 
 @_parallel
@@ -650,3 +762,87 @@ def grad_input_act_planes_par(x, dy, pivot, a, b, k, zp, zs, zt, res, act, parts
     for p in nb.prange(parts):
         grad_input_act_planes(x, dy, pivot, a, b, k, zp, zs, zt, res, act, units * p // parts,
                               units * (p + 1) // parts, dx, dres)
+
+
+# ------------------------------------------------------------- whole steps across threads
+# The whole steps above with their passes on numba's pool: planes split by features (each
+# part a run of whole features), rows by ranges of rows with a pass per parallel loop.
+
+
+@_parallel
+def train_planes_whole_par(x, eps, weight, bias, parts, y, coef):  # pragma: no cover - compiled
+    """``train_planes_whole`` with its ``parts`` groups of features across threads."""
+    features = x.shape[1]
+    for p in nb.prange(parts):
+        train_planes_features(x, eps, weight, bias, features * p // parts, features * (p + 1) // parts, y, coef)
+
+
+@_parallel
+def backward_planes_whole_par(x, dy, pivot, invstd, weight, delta, batch_stats, parts, dx,
+                              coef):  # pragma: no cover - compiled
+    """``backward_planes_whole`` with its ``parts`` groups of features across threads."""
+    features = x.shape[1]
+    for p in nb.prange(parts):
+        backward_planes_features(x, dy, pivot, invstd, weight, delta, batch_stats, features * p // parts,
+                                 features * (p + 1) // parts, dx, coef)
+
+
+@_parallel
+def train_rows_whole_par(x, eps, weight, bias, parts, y, coef):  # pragma: no cover - compiled
+    """``train_rows_whole`` with each pass in ``parts`` ranges of rows across threads."""
+    units, features = x.shape[0], x.shape[1]
+    first = x[0].astype(np.float64)
+    partial = np.zeros((parts, 2, features + 8))
+    for p in nb.prange(parts):
+        moments_rows(x, first, units * p // parts, units * (p + 1) // parts, partial[p, 0, :features],
+                     partial[p, 1, :features])
+    if not _all_finite(partial, features):  # blocked sums overflowed: float64 throughout
+        partial[:] = 0
+        for p in nb.prange(parts):
+            moments_rows64(x, first, units * p // parts, units * (p + 1) // parts, partial[p, 0, :features],
+                           partial[p, 1, :features])
+    train_coefficients(partial, first, units, eps, weight, bias, coef)
+    pivot, scale, shift = coef[0], coef[1], coef[2]
+    for p in nb.prange(parts):
+        affine_rows(x, pivot, scale, shift, units * p // parts, units * (p + 1) // parts, y)
+
+
+@_parallel
+def backward_rows_whole_par(x, dy, pivot, invstd, weight, delta, batch_stats, parts, dx,
+                            coef):  # pragma: no cover - compiled
+    """``backward_rows_whole`` with each pass in ``parts`` ranges of rows across threads."""
+    units, features = x.shape[0], x.shape[1]
+    p64 = pivot.astype(np.float64)
+    partial = np.zeros((parts, 2, features + 8))
+    for p in nb.prange(parts):
+        grad_sums_rows(x, dy, p64, units * p // parts, units * (p + 1) // parts, partial[p, 0, :features],
+                       partial[p, 1, :features])
+    if not _all_finite(partial, features):  # blocked sums overflowed: float64 throughout
+        partial[:] = 0
+        for p in nb.prange(parts):
+            grad_sums_rows64(x, dy, p64, units * p // parts, units * (p + 1) // parts, partial[p, 0, :features],
+                             partial[p, 1, :features])
+    backward_coefficients(partial, invstd, weight, delta, units, batch_stats, coef)
+    a, b, k = coef[0], coef[1], coef[2]
+    for p in nb.prange(parts):
+        grad_input_rows(x, dy, pivot, a, b, k, units * p // parts, units * (p + 1) // parts, dx)
+
+
+@_parallel
+def eval_rows_whole_par(x, mean, var, eps, weight, bias, parts, y, coef):  # pragma: no cover - compiled
+    """``eval_rows_whole`` with the pass in ``parts`` ranges of rows across threads."""
+    units = x.shape[0]
+    eval_coefficients(mean, var, eps, weight, bias, coef)
+    pivot, scale, shift = coef[0], coef[1], coef[2]
+    for p in nb.prange(parts):
+        affine_rows(x, pivot, scale, shift, units * p // parts, units * (p + 1) // parts, y)
+
+
+@_parallel
+def eval_planes_whole_par(x, mean, var, eps, weight, bias, parts, y, coef):  # pragma: no cover - compiled
+    """``eval_planes_whole`` with the pass in ``parts`` ranges of planes across threads."""
+    units = x.shape[0] * x.shape[1]
+    eval_coefficients(mean, var, eps, weight, bias, coef)
+    pivot, scale, shift = coef[0], coef[1], coef[2]
+    for p in nb.prange(parts):
+        affine_planes(x, pivot, scale, shift, units * p // parts, units * (p + 1) // parts, y)

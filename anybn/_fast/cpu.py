@@ -52,6 +52,14 @@ _PARALLEL_MIN_BYTES = 1 << 19
 # the sums, 16 bytes per feature.
 _RANGES_PER_THREAD = 4
 
+# Planes training steps go by groups of features of about this many bytes of x (and dy), so
+# that a group's apply finds its planes still in the cache its sums read them into: 1.6 to
+# 6.4 MB groups took 0.75-0.8x the time of two passes over all of x on (32, 256, 56, 56)
+# float32 (98 MiB, 2 threads; 32 MiB L3), groups of one feature 1.4x (short streams). At
+# least this many features per thread, so that threads get shares within 25% of each other.
+_GROUP_BYTES = 4 << 20
+_FEATURES_PER_THREAD = 4
+
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
@@ -247,19 +255,30 @@ class CpuPath:
             return dx.reshape(x.shape)
         return dx.reshape(x.shape), dres.reshape(x.shape)
 
-    # ------------------------------------------- whole steps for small inputs (plain BN only)
-    # None where the input is large enough to be split across threads: the stages serve it.
+    # ----------------------------------------------- whole steps in one call (plain BN only)
+    # None where they cannot serve (numba's pool unusable on several threads, or too few
+    # features to split planes by): the stages serve then.
 
     def train_whole(self, xp: Any, x: np.ndarray, layout: Layout, weight: Any, bias: Any,
                     eps: float) -> tuple[np.ndarray, BatchNormSaved] | None:
         view = _View(layout)
-        if self._split(view, x.nbytes)[1] != 1:
+        plan = self._whole_plan(view, x.nbytes)
+        if plan is None:
             return None
+        parts, threads, pooled = plan
         xv = view.fold(x)
         coef = np.empty((6, view.features), dtype=x.dtype)  # pivot, scale, shift, invstd, var, delta
         y = np.empty_like(xv)
-        whole = self._k.train_rows_whole if view.rows else self._k.train_planes_whole
-        whole(xv, eps, _given(weight), _given(bias), y, coef)
+        k = self._k
+        args = (xv, eps, _given(weight), _given(bias))
+        if pooled:
+            (k.train_rows_whole_par if view.rows else k.train_planes_whole_par)(*args, parts, y, coef)
+        elif threads > 1:  # the same kernels on Python threads: the same bits
+            self._train_threaded(view, args, parts, threads, y, coef)
+        elif view.rows:
+            k.train_rows_whole(*args, y, coef)
+        else:
+            k.train_planes_whole(*args, parts, y, coef)
         pivot, _, _, invstd, var, delta = coef
         saved = BatchNormSaved(x=x, mean=pivot, invstd=invstd, var=var, weight=weight, has_bias=bias is not None,
                                axis=layout.axis, eps=eps, count=view.count, pivot=pivot, delta=delta, layout=layout)
@@ -268,28 +287,120 @@ class CpuPath:
     def eval_whole(self, xp: Any, x: np.ndarray, layout: Layout, mean: Any, var: Any, weight: Any, bias: Any,
                    eps: float) -> np.ndarray | None:
         view = _View(layout)
-        if self._split(view, x.nbytes)[1] != 1:
-            return None
+        plan = self._whole_plan(view, x.nbytes, by_feature=False)
+        assert plan is not None  # only planes training steps decline
+        parts, threads, pooled = plan
         xv = view.fold(x)
         y = np.empty_like(xv)
-        whole = self._k.eval_rows_whole if view.rows else self._k.eval_planes_whole
-        whole(xv, np.asarray(mean), np.asarray(var), eps, _given(weight), _given(bias), y,
-              np.empty((3, view.features), dtype=x.dtype))
+        coef = np.empty((3, view.features), dtype=x.dtype)
+        args = (xv, np.asarray(mean), np.asarray(var), eps, _given(weight), _given(bias))
+        k = self._k
+        if pooled:
+            (k.eval_rows_whole_par if view.rows else k.eval_planes_whole_par)(*args, parts, y, coef)
+        elif threads > 1:
+            k.eval_coefficients(*args[1:], coef)
+            affine = k.affine_rows if view.rows else k.affine_planes
+            self._threads.run(lambda i, lo, hi: affine(xv, coef[0], coef[1], coef[2], lo, hi, y),
+                              view.units, parts, threads)
+        else:
+            (k.eval_rows_whole if view.rows else k.eval_planes_whole)(*args, y, coef)
         return y.reshape(x.shape)
 
     def backward_whole(self, xp: Any, dy: np.ndarray, saved: BatchNormSaved,
                        layout: Layout) -> tuple[np.ndarray, Any, Any] | None:
         x = saved.x
         view = _View(layout)
-        if not saved.batch_stats or saved.pivot is None or self._split(view, x.nbytes)[1] != 1:
+        if not saved.batch_stats or saved.pivot is None:
             return None
+        plan = self._whole_plan(view, 2 * x.nbytes)
+        if plan is None:
+            return None
+        parts, threads, pooled = plan
         dx = np.empty_like(view.fold(x))
         coef = np.empty((5, view.features), dtype=x.dtype)  # a, b, k, dweight, dbias
-        whole = self._k.backward_rows_whole if view.rows else self._k.backward_planes_whole
-        whole(view.fold(x), view.fold(dy), np.asarray(saved.pivot, dtype=x.dtype), np.asarray(saved.invstd),
-              _given(saved.weight), np.asarray(saved.delta), True, dx, coef)
+        args = (view.fold(x), view.fold(dy), np.asarray(saved.pivot, dtype=x.dtype), np.asarray(saved.invstd),
+                _given(saved.weight), np.asarray(saved.delta), True)
+        k = self._k
+        if pooled:
+            (k.backward_rows_whole_par if view.rows else k.backward_planes_whole_par)(*args, parts, dx, coef)
+        elif threads > 1:  # the same kernels on Python threads: the same bits
+            self._backward_threaded(view, args, parts, threads, dx, coef)
+        elif view.rows:
+            k.backward_rows_whole(*args, dx, coef)
+        else:
+            k.backward_planes_whole(*args, parts, dx, coef)
         return (dx.reshape(x.shape), None if saved.weight is None else coef[3],
                 coef[4] if saved.has_bias else None)
+
+    def _whole_plan(self, view: _View, nbytes: int, by_feature: bool = True) -> tuple[int, int, bool] | None:
+        """(parts, threads, on numba's pool) for a whole step over ``nbytes`` (x, or x and dy),
+        or None where the stages should serve.
+
+        Rows, and planes inference (``by_feature=False``): the ranges of ``_split``. Planes
+        training steps go by groups of features (see ``train_planes_features``): groups of
+        about ``_GROUP_BYTES``, a multiple of the threads so that each gets as many. On
+        several threads, None where a thread would get fewer than ``_FEATURES_PER_THREAD``
+        features (C = 3 on 2 threads: the stages split planes evenly) or where one feature
+        alone is larger than a group (its sums and its apply would not meet in cache).
+        """
+        parts, threads = self._split(view, nbytes)
+        if not (view.rows or not by_feature):
+            features = view.features
+            if nbytes < _PARALLEL_MIN_BYTES:
+                parts = 1  # one group: all of it stays in cache
+            else:
+                per_feature = max(1, nbytes // features)
+                if threads > 1 and (features < _FEATURES_PER_THREAD * threads or per_feature > _GROUP_BYTES):
+                    return None
+                groups = -(-features // max(1, _GROUP_BYTES // per_feature))  # ceiling divisions
+                parts = min(features, -(-groups // threads) * threads)
+        pooled = threads > 1 and self._pool_ok()
+        if pooled:
+            _numba_threads(threads)
+        return parts, threads, pooled
+
+    def _train_threaded(self, view: _View, args: tuple[Any, ...], parts: int, threads: int, y: np.ndarray,
+                        coef: np.ndarray) -> None:
+        """``train_*_whole_par`` on Python threads (where numba's pool cannot serve)."""
+        k, xv = self._k, args[0]
+        if not view.rows:
+            self._threads.run(lambda i, lo, hi: k.train_planes_features(*args, lo, hi, y, coef),
+                              view.features, parts, threads)
+            return
+        first = xv[0].astype(np.float64)
+        partial = self._partial_sums(k.moments_rows, k.moments_rows64, (xv, first), view, parts, threads)
+        k.train_coefficients(partial, first, view.units, *args[1:], coef)
+        self._threads.run(lambda i, lo, hi: k.affine_rows(xv, coef[0], coef[1], coef[2], lo, hi, y),
+                          view.units, parts, threads)
+
+    def _backward_threaded(self, view: _View, args: tuple[Any, ...], parts: int, threads: int, dx: np.ndarray,
+                           coef: np.ndarray) -> None:
+        """``backward_*_whole_par`` on Python threads (where numba's pool cannot serve)."""
+        k = self._k
+        xv, dyv, pivot, invstd, weight, delta, batch_stats = args
+        if not view.rows:
+            self._threads.run(lambda i, lo, hi: k.backward_planes_features(*args, lo, hi, dx, coef),
+                              view.features, parts, threads)
+            return
+        partial = self._partial_sums(k.grad_sums_rows, k.grad_sums_rows64, (xv, dyv, pivot.astype(np.float64)),
+                                     view, parts, threads)
+        k.backward_coefficients(partial, invstd, weight, delta, view.units, batch_stats, coef)
+        self._threads.run(lambda i, lo, hi: k.grad_input_rows(xv, dyv, pivot, coef[0], coef[1], coef[2], lo, hi, dx),
+                          view.units, parts, threads)
+
+    def _partial_sums(self, kernel: Callable[..., None], kernel64: Callable[..., None], args: tuple[Any, ...],
+                      view: _View, parts: int, threads: int) -> np.ndarray:
+        """The (parts, 2, C + 8) partial sums of a rows reduction on Python threads, summed
+        again in float64 where the blocked sums overflowed (as the ``*_whole_par`` kernels do)."""
+        c = view.features
+        partial = np.zeros((parts, 2, c + 8))
+        for run in (kernel, kernel64):
+            self._threads.run(lambda i, lo, hi: run(*args, lo, hi, partial[i, 0, :c], partial[i, 1, :c]),
+                              view.units, parts, threads)
+            if np.all(np.isfinite(partial[:, 1, :c])):
+                break
+            partial[:] = 0
+        return partial
 
     # ------------------------------------------------------------------ threading
 
@@ -335,7 +446,7 @@ class CpuPath:
             return partial[0, 0], partial[0, 1]
         if par is not None and self._pool_ok():
             _numba_threads(threads)
-            par(*args, parts, partial)
+            par(*args, parts, buf)  # the whole buffer: slices of a contiguous one vectorize
             total = partial.sum(axis=0)
             return total[0], total[1]
         self._threads.run(lambda part, lo, hi: kernel(*args, lo, hi, partial[part, 0], partial[part, 1]),
