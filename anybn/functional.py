@@ -155,8 +155,16 @@ def batch_norm_train(
         _check_residual(fn, xp, x, residual)
         kernels = _fast.kernels_for("train", xp, *_large(x, residual))
         return _train_stages(xp, x, layout, kernels, weight, bias, eps, activation, residual)
-    kernels = _fast.kernels_for("train", xp, x)
-    whole = getattr(kernels, "train_whole", None)  # small inputs: one compiled call, proven equal
+    return _train_plain(xp, x, layout, _fast.kernels_for("train", xp, x), weight, bias, eps)
+
+
+def _train_plain(
+    xp: Namespace, x: Array, layout: Layout, kernels: Kernels, weight: Array | None, bias: Array | None,
+    eps: float,
+) -> tuple[Array, BatchNormSaved]:
+    """Plain batch normalization's training forward: a fast path's whole step in one compiled
+    call where it has one (proven equal to the stages), else the stages."""
+    whole = getattr(kernels, "train_whole", None)
     if whole is not None and (done := whole(xp, x, layout, weight, bias, eps)) is not None:
         return done
     return _train_stages(xp, x, layout, kernels, weight, bias, eps)
@@ -247,7 +255,7 @@ def _ghost_train(
     v = chunk.shape[0]
     kernels = _fast.kernels_for("train", xp, x)  # a C-contiguous x has C-contiguous chunks
     if groups == 1:  # one chunk: the whole batch
-        return _train_stages(xp, x, layout, kernels, weight, bias, eps)
+        return _train_plain(xp, x, layout, kernels, weight, bias, eps)
     if layout.inner > 1:
         grouped = _grouped(layout, groups)
         # reductions: per plane, merged per (chunk, feature)
@@ -400,7 +408,7 @@ def _fixed(
     if fused:
         _check_residual(fn, xp, x, residual)
     kernels = _fast.kernels_for("eval", xp, *_large(x, residual))
-    whole = None if fused else getattr(kernels, "eval_whole", None)  # small inputs: one call, proven equal
+    whole = None if fused else getattr(kernels, "eval_whole", None)  # one compiled call, proven equal
     y = None if whole is None else whole(xp, x, layout, mean, var, weight, bias, eps)
     if y is not None and not keep:
         return y, None
@@ -520,7 +528,7 @@ def batch_norm_backward(dy: Array, saved: BatchNormSaved) -> tuple[Array, ...]:
     kernels = _fast.kernels_for("backward", xp, x, dy)
     if saved.groups is not None:
         return _ghost_backward(xp, dy, saved, kernels)
-    # small inputs: one compiled call, proven equal (plain batch normalization only)
+    # one compiled call where a fast path has it, proven equal (plain batch normalization only)
     whole = getattr(kernels, "backward_whole", None) if saved.plain else None
     if whole is not None and (done := whole(xp, dy, saved, layout)) is not None:
         return done

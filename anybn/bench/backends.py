@@ -117,10 +117,11 @@ def _anybn(
     axis = shape.axis
     x = be.asarray(data.x)
     g, b = be.asarray(data.gamma), be.asarray(data.beta)
-    if op == "train":
+    act = "relu" if op in ("train_relu", "backward_relu") else None
+    if op in ("train", "train_relu"):
 
         def run() -> tuple:
-            y, saved = anybn.batch_norm_train(x, g, b, axis=axis, eps=EPS)
+            y, saved = anybn.batch_norm_train(x, g, b, axis=axis, eps=EPS, activation=act)
             return (*finish((y,)), saved)  # saved: what backward needs, kept as a layer would
 
     elif op == "eval":
@@ -132,14 +133,15 @@ def _anybn(
     else:
         dy = be.asarray(data.dy)
         with environ(env):  # the forward on the same path as the timed backward
-            _, saved = anybn.batch_norm_train(x, g, b, axis=axis, eps=EPS)
+            _, saved = anybn.batch_norm_train(x, g, b, axis=axis, eps=EPS, activation=act)
         saved = after_forward(saved)
 
         def run() -> tuple:
             return finish(anybn.batch_norm_backward(dy, saved))
 
     with environ(env):
-        fast = _fast.select(op, array_api_compat.array_namespace(x), x)  # type: ignore[arg-type]
+        step = op.removesuffix("_relu")
+        fast = _fast.select(step, array_api_compat.array_namespace(x), x)  # type: ignore[arg-type]
     path = "generic" if fast is None else str(getattr(fast, "name", type(fast).__name__))
     return Runner(run, be.to_numpy if to_host is None else to_host, env, path, device)
 
@@ -255,6 +257,26 @@ def _torch(backend: str, shape: Shape, op: str, dtype: str, data: Data, threads:
             sync()
             return (y,)
 
+    elif op == "train_relu":  # what torch.nn.BatchNorm2d then torch.nn.ReLU run
+
+        def run() -> tuple:
+            y, mean, invstd = aten.native_batch_norm(x, g, b, None, None, True, 0.1, EPS)
+            z = aten.relu(y)
+            sync()
+            return z, mean, invstd
+
+    elif op == "backward_relu":  # autograd's backward of the two: ReLU's, then BN's
+        dy = convert(data.dy)
+        y, save_mean, save_invstd = aten.native_batch_norm(x, g, b, None, None, True, 0.1, EPS)
+        z = aten.relu(y)  # ReLU keeps its output for its backward
+        mask = [True, True, True]
+
+        def run() -> tuple:
+            dz = aten.threshold_backward(dy, z, 0)
+            out = aten.native_batch_norm_backward(dz, x, g, None, None, save_mean, save_invstd, True, EPS, mask)
+            sync()
+            return tuple(out)
+
     else:
         dy = convert(data.dy)
         _, save_mean, save_invstd = aten.native_batch_norm(x, g, b, None, None, True, 0.1, EPS)
@@ -282,6 +304,8 @@ def _naive(backend: str, shape: Shape, op: str, dtype: str, data: Data, threads:
                         naive.spatial_batchnorm_eval_nchw)
     else:
         raise testing.Unavailable(f"naive: written for 2-D, NCHW and channels-last inputs, not {shape.layout}")
+    if op not in ("train", "backward", "eval"):
+        raise testing.Unavailable(f"naive: no fused activation ({op})")
     x, g, b = data.x, data.gamma, data.beta
     if op == "train":
 

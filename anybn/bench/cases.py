@@ -27,13 +27,13 @@ import numpy as np
 
 from .. import testing
 from .backends import environ, runner
-from .shapes import EPS, OP_LABELS, OPS, Shape, make_data, parse_shape, traffic_bytes
+from .shapes import ALL_OPS, EPS, OP_LABELS, Shape, make_data, parse_shape, traffic_bytes
 
 __all__ = ["Case", "Unavailable", "check", "expected", "prepare", "tolerance"]
 
 Unavailable = testing.Unavailable
 
-_N_OUTPUTS = {"train": 1, "eval": 1, "backward": 3}
+_N_OUTPUTS = {"train": 1, "eval": 1, "backward": 3, "train_relu": 1, "backward_relu": 3}
 
 
 @dataclasses.dataclass(eq=False)
@@ -110,8 +110,8 @@ def prepare(
     once (JIT compilation, first-touch allocations) before returning.
     """
     shape = parse_shape(shape)
-    if op not in OPS:
-        raise ValueError(f"op {op!r}: expected one of {', '.join(OPS)}")
+    if op not in ALL_OPS:
+        raise ValueError(f"op {op!r}: expected one of {', '.join(ALL_OPS)}")
     data = make_data(shape, dtype)
     r = runner(backend, shape, op, dtype, data, threads)
     case = Case(backend, shape, op, dtype, r.run, r.to_host, r.env, r.path, data.x.nbytes, r.device)
@@ -129,8 +129,8 @@ def expected(shape: str | Shape, op: str, dtype: str = "float32") -> tuple[np.nd
 
     From :mod:`anybn.testing`'s reference; the last two are cached.
     """
-    if op not in OPS:
-        raise ValueError(f"op {op!r}: expected one of {', '.join(OPS)}")
+    if op not in ALL_OPS:
+        raise ValueError(f"op {op!r}: expected one of {', '.join(ALL_OPS)}")
     shape = parse_shape(shape)
     make_data(shape, dtype)  # validates dtype
     return _expected(shape, op, dtype)
@@ -143,7 +143,13 @@ def _expected(shape: Shape, op: str, dtype: str) -> tuple[np.ndarray, ...]:
         return (testing.reference_eval(d.x, d.running_mean, d.running_var, d.gamma, d.beta, axis=axis, eps=EPS),)
     if op == "train":
         return (testing.reference_train(d.x, d.gamma, d.beta, axis=axis, eps=EPS),)
-    return testing.reference_backward(d.dy, d.x, d.gamma, axis=axis, eps=EPS)
+    if op == "backward":
+        return testing.reference_backward(d.dy, d.x, d.gamma, axis=axis, eps=EPS)
+    z = testing.reference_train(d.x, d.gamma, d.beta, axis=axis, eps=EPS)
+    if op == "train_relu":
+        return (np.maximum(z, 0.0),)
+    # backward_relu: dy through the ReLU (passed where z > 0), then through BN
+    return testing.reference_backward(np.where(z > 0, d.dy, 0.0), d.x, d.gamma, axis=axis, eps=EPS)
 
 
 def tolerance(dtype: str) -> float:

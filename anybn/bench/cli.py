@@ -92,8 +92,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", type=_choices("backend", backends.BACKENDS),
                         default=list(backends.BACKENDS),
                         help=f"comma list of {','.join(backends.BACKENDS)} (default: all that are installed)")
-    parser.add_argument("--ops", type=_choices("op", shapes.OPS), default=list(shapes.OPS),
-                        help=f"comma list of {','.join(shapes.OPS)} (default: all)")
+    parser.add_argument("--ops", type=_choices("op", shapes.ALL_OPS), default=list(shapes.OPS),
+                        help=f"comma list of {','.join(shapes.ALL_OPS)} (default: {','.join(shapes.OPS)}); "
+                             "the _relu ops are BN fused with a ReLU, PyTorch's BN then its ReLU")
     parser.add_argument("--rounds", type=_positive, default=DEFAULT_ROUNDS,
                         help=f"interleaved rounds; the median is over these (default {DEFAULT_ROUNDS})")
     parser.add_argument("--threads", type=_positive, default=2,

@@ -7,7 +7,8 @@ and ``nhwc:32x56x56x64`` the last axis; without a layout the feature axis is 1.
 Bytes moved (:func:`traffic_bytes`) count the minimal memory traffic of each op for an
 input of ``nbytes``: the training forward reads x twice (statistics, then normalization)
 and writes y, 3 x nbytes; eval reads x and writes y, 2 x nbytes; backward reads x and dy
-twice each (the two sums, then dx) and writes dx, 5 x nbytes. A copy moves 2 x nbytes (read
+twice each (the two sums, then dx) and writes dx, 5 x nbytes; fused with a ReLU, the same
+(the activation and its derivative are applied on the fly). A copy moves 2 x nbytes (read
 and write): see :class:`anybn.bench.timing.CopyTimer`.
 """
 
@@ -25,6 +26,8 @@ __all__ = [
     "SWEEP_SHAPES",
     "DTYPES",
     "EPS",
+    "ALL_OPS",
+    "FUSED_OPS",
     "OPS",
     "OP_LABELS",
     "TRAFFIC",
@@ -36,7 +39,12 @@ __all__ = [
 ]
 
 OPS = ("train", "backward", "eval")
-OP_LABELS = {"train": "train forward", "backward": "backward", "eval": "eval forward"}
+# BN fused with a ReLU (``activation="relu"``; PyTorch: its batch norm, then its ReLU), on
+# request (``--ops``): the forward returns relu(BN(x)), the backward takes dy through both
+FUSED_OPS = ("train_relu", "backward_relu")
+ALL_OPS = OPS + FUSED_OPS
+OP_LABELS = {"train": "train forward", "backward": "backward", "eval": "eval forward",
+             "train_relu": "train forward + ReLU", "backward_relu": "backward through ReLU"}
 DEFAULT_SHAPES = ("4096x1024", "nchw:32x64x56x56", "nhwc:32x56x56x64", "256x64")
 
 # The size sweep (``anybn bench --sweep``): float32 NCHW with C = 64, x from 64 KiB to 512 MiB
@@ -55,7 +63,7 @@ DTYPES = ("float32", "float64", "float16")
 EPS = 1e-5
 
 # Minimal memory traffic of each op, in multiples of x.nbytes (see the module docstring).
-TRAFFIC = {"train": 3, "eval": 2, "backward": 5}
+TRAFFIC = {"train": 3, "eval": 2, "backward": 5, "train_relu": 3, "backward_relu": 5}
 COPY_TRAFFIC = 2
 
 
