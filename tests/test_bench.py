@@ -532,3 +532,21 @@ def test_separate_runs_each_backend_in_its_own_process():
     assert rows["numpy-generic"]["vs_torch_raw"] == pytest.approx(
         rows["numpy-generic"]["median_ms"] / rows["torch"]["median_ms"])
     assert rows["numpy-generic"]["accurate"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_relu_ops_keep_x_away_from_the_kink(dtype):
+    """The fused ReLU ops' data puts no float64 BN output within 64 ulp of 0, and differs
+    from make_data's only there (a flipped ReLU gradient is not an accuracy difference)."""
+    shape = shapes.parse_shape("nhwc:8x30x30x16")
+    d, d0 = shapes.op_data(shape, "backward_relu", dtype), shapes.make_data(shape, dtype)
+    from anybn import testing
+
+    z = testing.reference_train(d.x, d.gamma, d.beta, axis=shape.axis, eps=shapes.EPS)
+    z_std = np.moveaxis(z, shape.axis, -1) / d.gamma.astype(np.float64)  # in units of the standardized x
+    assert np.min(np.abs(z_std)) >= 60 * np.finfo(dtype).eps
+    moved = d.x != d0.x
+    assert moved.sum() < 1e-3 * d.x.size
+    if dtype == "float32":  # 64 ulp of float64 is too narrow to hold any of 115,200 samples
+        assert moved.sum() > 0
+    assert shapes.op_data(shape, "backward", dtype) is d0

@@ -302,18 +302,26 @@ def grad_sums_act_rows(x, dy, pivot, zp, zs, zt, res, act, lo, hi, sum_dy, sum_d
     x's dtype over blocks of ``_BLOCK`` rows, flushed to float64, as there."""
     features = x.shape[1]
     p = pivot.astype(x.dtype)  # the forward's pivot: a value of x's dtype
-    z = np.empty(features, dtype=x.dtype)
-    g = np.empty(features, dtype=x.dtype)
     a1 = np.zeros(features, dtype=x.dtype)
     a2 = np.zeros(features, dtype=x.dtype)
+    relu = act == 1 and res.shape[0] == 0
+    z = np.empty(0 if relu else features, dtype=x.dtype)
+    g = np.empty(0 if relu else features, dtype=x.dtype)
     r = lo
     while r < hi:
         end = min(r + _BLOCK, hi)
-        for rr in range(r, end):
-            _row_grad(x, dy, zp, zs, zt, res, act, rr, z, g)
-            for c in range(features):
-                a1[c] += g[c]
-                a2[c] += g[c] * (x[rr, c] - p[c])
+        if relu:  # BN + ReLU, the common case: one loop over C, the mask a select (vectorized)
+            for rr in range(r, end):
+                for c in range(features):
+                    gc = dy[rr, c] if (x[rr, c] - zp[c]) * zs[c] + zt[c] > 0 else dy[rr, c] * 0
+                    a1[c] += gc
+                    a2[c] += gc * (x[rr, c] - p[c])
+        else:
+            for rr in range(r, end):
+                _row_grad(x, dy, zp, zs, zt, res, act, rr, z, g)
+                for c in range(features):
+                    a1[c] += g[c]
+                    a2[c] += g[c] * (x[rr, c] - p[c])
         for c in range(features):
             sum_dy[c] += a1[c]
             sum_dy_d[c] += a2[c]
@@ -345,6 +353,12 @@ def grad_sums_act_planes(x, dy, pivot, zp, zs, zt, res, act, lo, hi, sum_dy, sum
 def grad_input_act_rows(x, dy, pivot, a, b, k, zp, zs, zt, res, act, lo, hi, dx, dres):  # pragma: no cover
     """dx = k * (dy' + a * (x - pivot) + b), and dres = dy' where dres is not empty."""
     features, want_dres = x.shape[1], dres.shape[0] > 0
+    if act == 1 and res.shape[0] == 0 and not want_dres:  # BN + ReLU: one vectorized loop
+        for r in range(lo, hi):
+            for c in range(features):
+                gc = dy[r, c] if (x[r, c] - zp[c]) * zs[c] + zt[c] > 0 else dy[r, c] * 0
+                dx[r, c] = k[c] * (gc + a[c] * (x[r, c] - pivot[c]) + b[c])
+        return
     z = np.empty(features, dtype=x.dtype)
     g = np.empty(features, dtype=x.dtype)
     for r in range(lo, hi):

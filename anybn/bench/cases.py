@@ -27,7 +27,7 @@ import numpy as np
 
 from .. import testing
 from .backends import environ, runner
-from .shapes import ALL_OPS, EPS, OP_LABELS, Shape, make_data, parse_shape, traffic_bytes
+from .shapes import ALL_OPS, EPS, OP_LABELS, Shape, make_data, op_data, parse_shape, traffic_bytes
 
 __all__ = ["Case", "Unavailable", "check", "expected", "prepare", "tolerance"]
 
@@ -112,7 +112,7 @@ def prepare(
     shape = parse_shape(shape)
     if op not in ALL_OPS:
         raise ValueError(f"op {op!r}: expected one of {', '.join(ALL_OPS)}")
-    data = make_data(shape, dtype)
+    data = op_data(shape, op, dtype)
     r = runner(backend, shape, op, dtype, data, threads)
     case = Case(backend, shape, op, dtype, r.run, r.to_host, r.env, r.path, data.x.nbytes, r.device)
     if warmup:
@@ -138,7 +138,7 @@ def expected(shape: str | Shape, op: str, dtype: str = "float32") -> tuple[np.nd
 
 @functools.lru_cache(maxsize=2)
 def _expected(shape: Shape, op: str, dtype: str) -> tuple[np.ndarray, ...]:
-    d, axis = make_data(shape, dtype), shape.axis
+    d, axis = op_data(shape, op, dtype), shape.axis
     if op == "eval":
         return (testing.reference_eval(d.x, d.running_mean, d.running_var, d.gamma, d.beta, axis=axis, eps=EPS),)
     if op == "train":

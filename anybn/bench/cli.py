@@ -278,14 +278,14 @@ def table(report: dict[str, Any]) -> str:
         "% copy: of the copy line's GB/s; spread: (75th - 25th percentile) / median of the rounds; "
         "/ torch: time over PyTorch's",
         "",
-        f"{'shape':<20}{'op':<10}{'backend':<18}{'path':<11}{'ms':>9}{'GB/s':>8}{'% copy':>8}{'spread':>8}"
+        f"{'shape':<20}{'op':<14}{'backend':<18}{'path':<11}{'ms':>9}{'GB/s':>8}{'% copy':>8}{'spread':>8}"
         f"{'/ torch':>9}",
     ]
     copies = {c["shape"]: c for c in report["copies"]}
     inaccurate = False
     unstable: list[str] = []
     for spec, copy in copies.items():
-        lines.append(f"{spec:<20}{'copy':<10}{'np.copyto':<18}{'':<11}{_ms(copy['median_ms']):>9}"
+        lines.append(f"{spec:<20}{'copy':<14}{'np.copyto':<18}{'':<11}{_ms(copy['median_ms']):>9}"
                      f"{copy['gbps']:>8.1f}{100:>7d}%{_percent(copy.get('spread')):>8}{'':>9}"
                      f"{_FLAGS.get(copy.get('stability', 'stable'), '')}")
         if copy.get("stability", "stable") != "stable":
@@ -298,7 +298,7 @@ def table(report: dict[str, Any]) -> str:
             if r["stability"] != "stable":
                 unstable.append(f"  {r['backend']} {r['op']} {spec}: {r['stability_note']}")
             pct = "-" if r["copy_fraction"] is None else f"{100 * r['copy_fraction']:.0f}%"
-            lines.append(f"{'':<20}{r['op']:<10}{r['backend']:<18}{r['path']:<11}{_ms(r['median_ms']):>9}"
+            lines.append(f"{'':<20}{r['op']:<14}{r['backend']:<18}{r['path']:<11}{_ms(r['median_ms']):>9}"
                          f"{r['gbps']:>8.1f}{pct:>8}{_percent(r['spread']):>8}{_ratio(r):>9}{mark}")
     if inaccurate:
         lines.append(f"! inaccurate: max error above {report['tolerance']:g} of the largest float64 "

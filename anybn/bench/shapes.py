@@ -34,6 +34,7 @@ __all__ = [
     "Data",
     "Shape",
     "make_data",
+    "op_data",
     "parse_shape",
     "traffic_bytes",
 ]
@@ -151,6 +152,40 @@ def _make_data(dims: tuple[int, ...], axis: int, dtype: str) -> Data:
         rng.uniform(2.0, 6.0, c),
     )
     return Data(*(a.astype(dtype, copy=False) for a in (x, dy, *vectors)))
+
+
+def op_data(shape: str | Shape, op: str, dtype: str = "float32") -> Data:
+    """The inputs of ``op``: :func:`make_data`'s, with x kept away from the ReLU's kink for the
+    fused ops (see :func:`_away_from_kink`)."""
+    shape = parse_shape(shape)
+    if op in FUSED_OPS:
+        return _away_from_kink(shape.dims, shape.axis, dtype)
+    return make_data(shape, dtype)
+
+
+@functools.lru_cache(maxsize=2)
+def _away_from_kink(dims: tuple[int, ...], axis: int, dtype: str) -> Data:
+    """make_data's inputs with no BN output within 64 ulp (of x's dtype, in units of the
+    standardized x) of the ReLU's kink at 0.
+
+    Where the float64 reference puts z = BN(x) a rounding error away from 0, an
+    implementation's z may land on the other side, and its gradient flips there: an error of
+    |dy| in that element of dx and of sum(dy) in dbias, whatever its accuracy. Those x are
+    moved to 64 ulp from the kink on their own side (a few in a million in float32; the
+    statistics move by far less than that).
+    """
+    d = _make_data(dims, axis, dtype)
+    x = np.moveaxis(d.x, axis, -1).astype(np.float64)
+    mean = x.reshape(-1, x.shape[-1]).mean(axis=0)
+    std = np.sqrt(((x - mean) ** 2).reshape(-1, x.shape[-1]).mean(axis=0) + EPS)
+    gamma, beta = d.gamma.astype(np.float64), d.beta.astype(np.float64)
+    kink = -beta / gamma  # the standardized x where z = 0
+    band = 64 * float(np.finfo(dtype).eps)
+    xhat = (x - mean) / std
+    near = np.abs(xhat - kink) < band
+    side = np.where(xhat >= kink, 1.0, -1.0)
+    x = np.where(near, mean + (kink + side * band) * std, x)
+    return d._replace(x=np.ascontiguousarray(np.moveaxis(x, -1, axis)).astype(dtype))
 
 
 def traffic_bytes(op: str, nbytes: int) -> int:
