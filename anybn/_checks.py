@@ -107,13 +107,15 @@ def check_feature_vector(
                 f"{fn}: {name} is required: expected an array of shape ({features},), got None"
             )
         return
-    if not hasattr(a, "shape") or not hasattr(a, "dtype"):
+    try:
+        shape, a_dtype = a.shape, a.dtype
+    except AttributeError:
         raise TypeError(
             f"{fn}: {name} must be an array of shape ({features},), got {type(a).__name__}"
-        )
-    if a.dtype != dtype:
+        ) from None
+    if a_dtype != dtype:
         check_floating(fn, name, xp, a)
-    if tuple(a.shape) != (features,):
+    if shape != (features,) and tuple(shape) != (features,):  # NumPy's shape is a tuple already
         raise ValueError(
             f"{fn}: {name} has shape {tuple(a.shape)}, expected ({features},) = the size "
             f"of x along axis {axis} (x.shape = {shape})"

@@ -407,7 +407,7 @@ def _fixed(
                                  bias=bias)
     if fused:
         _check_residual(fn, xp, x, residual)
-    kernels = _fast.kernels_for("eval", xp, *_large(x, residual))
+    kernels = _fast.kernels_for("eval", xp, *_large(x, residual)) if fused else _fast.kernels_for("eval", xp, x)
     whole = None if fused else getattr(kernels, "eval_whole", None)  # one compiled call, proven equal
     y = None if whole is None else whole(xp, x, layout, mean, var, weight, bias, eps)
     if y is not None and not keep:

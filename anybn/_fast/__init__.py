@@ -60,8 +60,8 @@ def _build_registry() -> tuple[Kernels, ...]:
 
 def fast_paths_enabled() -> bool:
     """False when the environment sets ``ANYBN_FAST_PATHS=0`` (or 'false', 'off', 'no')."""
-    value = os.environ.get("ANYBN_FAST_PATHS", "1").strip().lower()
-    return value not in {"0", "false", "off", "no"}
+    value = os.environ.get("ANYBN_FAST_PATHS")
+    return value is None or value.strip().lower() not in {"0", "false", "off", "no"}
 
 
 def registered() -> tuple[Kernels, ...]:

@@ -286,24 +286,30 @@ class CpuPath:
 
     def eval_whole(self, xp: Any, x: np.ndarray, layout: Layout, mean: Any, var: Any, weight: Any, bias: Any,
                    eps: float) -> np.ndarray | None:
+        # lean: on small inputs this call is most of inference's time (256 x 64: ~5 us of ~12)
+        rows = layout.inner == 1
+        c = layout.features
+        xv = x.reshape((layout.outer, c) if rows else layout.folded_shape)
+        y = np.empty_like(xv)
+        coef = np.empty((3, c), dtype=x.dtype)
+        args = (xv, np.asarray(mean), np.asarray(var), eps, _given(weight), _given(bias))
+        k = self._k
+        if x.nbytes < _PARALLEL_MIN_BYTES:
+            (k.eval_rows_whole if rows else k.eval_planes_whole)(*args, y, coef)
+            return y.reshape(x.shape)
         view = _View(layout)
         plan = self._whole_plan(view, x.nbytes, by_feature=False)
         assert plan is not None  # only planes training steps decline
         parts, threads, pooled = plan
-        xv = view.fold(x)
-        y = np.empty_like(xv)
-        coef = np.empty((3, view.features), dtype=x.dtype)
-        args = (xv, np.asarray(mean), np.asarray(var), eps, _given(weight), _given(bias))
-        k = self._k
         if pooled:
-            (k.eval_rows_whole_par if view.rows else k.eval_planes_whole_par)(*args, parts, y, coef)
+            (k.eval_rows_whole_par if rows else k.eval_planes_whole_par)(*args, parts, y, coef)
         elif threads > 1:
             k.eval_coefficients(*args[1:], coef)
-            affine = k.affine_rows if view.rows else k.affine_planes
+            affine = k.affine_rows if rows else k.affine_planes
             self._threads.run(lambda i, lo, hi: affine(xv, coef[0], coef[1], coef[2], lo, hi, y),
                               view.units, parts, threads)
         else:
-            (k.eval_rows_whole if view.rows else k.eval_planes_whole)(*args, y, coef)
+            (k.eval_rows_whole if rows else k.eval_planes_whole)(*args, y, coef)
         return y.reshape(x.shape)
 
     def backward_whole(self, xp: Any, dy: np.ndarray, saved: BatchNormSaved,
