@@ -108,14 +108,14 @@ def check_feature_vector(
             )
         return
     try:
-        shape, a_dtype = a.shape, a.dtype
+        a_shape, a_dtype = a.shape, a.dtype
     except AttributeError:
         raise TypeError(
             f"{fn}: {name} must be an array of shape ({features},), got {type(a).__name__}"
         ) from None
     if a_dtype != dtype:
         check_floating(fn, name, xp, a)
-    if shape != (features,) and tuple(shape) != (features,):  # NumPy's shape is a tuple already
+    if a_shape != (features,) and tuple(a_shape) != (features,):  # NumPy's shape is a tuple already
         raise ValueError(
             f"{fn}: {name} has shape {tuple(a.shape)}, expected ({features},) = the size "
             f"of x along axis {axis} (x.shape = {shape})"
