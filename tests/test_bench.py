@@ -520,14 +520,18 @@ def test_threads_measure_runs_each_case(monkeypatch):
 def test_separate_runs_each_backend_in_its_own_process():
     """--separate: one process per backend, the rows merged and the ratios to PyTorch redone."""
     pytest.importorskip("torch")
-    done = subprocess.run([sys.executable, "-m", "anybn", "bench", "--separate", "--backend", "numpy-generic,torch",
-                           "--shapes", "8x3", "--ops", "train", "--rounds", "2", "--json", "--no-progress"],
+    done = subprocess.run([sys.executable, "-m", "anybn", "bench", "--separate", "--repeats", "2", "--backend",
+                           "numpy-generic,torch", "--shapes", "8x3", "--ops", "train", "--rounds", "2", "--json",
+                           "--no-progress"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout)
-    assert report["separate"] is True
+    assert report["separate"] is True and report["repeats"] == 2
     rows = {r["backend"]: r for r in report["results"]}
     assert set(rows) == {"numpy-generic", "torch"}
+    for row in rows.values():  # two processes each, 2 rounds each, pooled
+        assert row["processes"] == 2 and len(row["samples_ms"]) == 4
+        assert row["median_ms"] == pytest.approx(float(np.median(row["samples_ms"])))
     assert rows["torch"]["vs_torch_raw"] == 1.0
     assert rows["numpy-generic"]["vs_torch_raw"] == pytest.approx(
         rows["numpy-generic"]["median_ms"] / rows["torch"]["median_ms"])
@@ -550,3 +554,25 @@ def test_relu_ops_keep_x_away_from_the_kink(dtype):
     if dtype == "float32":  # 64 ulp of float64 is too narrow to hold any of 115,200 samples
         assert moved.sum() > 0
     assert shapes.op_data(shape, "backward", dtype) is d0
+
+
+def test_pooled_rows_take_the_statistics_of_all_their_samples():
+    rows = [
+        {"shape": "s", "op": "train", "backend": "a", "median_ms": 1.0, "min_ms": 1.0, "samples_ms": [1.0, 1.0, 1.1],
+         "max_error": 1e-7, "accurate": True},
+        {"shape": "s", "op": "train", "backend": "a", "median_ms": 3.0, "min_ms": 3.0, "samples_ms": [3.0, 3.0, 3.1],
+         "max_error": 2e-7, "accurate": True},
+        {"shape": "s", "op": "train", "backend": "b", "median_ms": 2.0, "min_ms": 2.0, "samples_ms": [2.0, 2.0],
+         "max_error": 0.0, "accurate": True},
+    ]
+    pooled = {r["backend"]: r for r in bench_cli._pooled(rows, ("shape", "op", "backend"))}
+    a = pooled["a"]
+    assert a["processes"] == 2 and a["process_medians_ms"] == [1.0, 3.0]
+    assert a["median_ms"] == pytest.approx(2.05) and a["min_ms"] == 1.0 and a["max_error"] == 2e-7
+    assert a["stability"] == "bimodal"  # two processes 3x apart: the drift shows
+    assert pooled["b"]["processes"] == 1 and pooled["b"]["median_ms"] == 2.0
+
+
+def test_repeats_needs_separate(capsys):
+    assert cli.main(["bench", "--repeats", "2", "--shapes", "8x3", "--backend", "numpy-generic"]) == 2
+    assert "--repeats needs --separate" in capsys.readouterr().err

@@ -427,3 +427,19 @@ def test_a_forked_child_keeps_working():
     env["ANYBN_NUM_THREADS"] = "2"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("policy, threads", [("", 2), ("PASSIVE", 1), ("passive", 1), ("ACTIVE", 2)])
+def test_sleeping_workers_raise_the_threading_threshold(monkeypatch, policy, threads):
+    """2 MiB of x is split across 2 threads when OpenMP's workers spin, not when they sleep
+    between regions (OMP_WAIT_POLICY=PASSIVE: each region would pay their wake-up)."""
+    from anybn._fast.cpu import CpuPath, _View
+    from anybn._layout import layout_of
+
+    monkeypatch.setenv("ANYBN_NUM_THREADS", "2")
+    monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+    x = np.zeros((8, 64, 32, 32), np.float32)  # 2 MiB
+    view = _View(layout_of("t", NP, x, 1))
+    assert CpuPath()._split(view, x.nbytes)[1] == threads
+    big = np.zeros((32, 64, 32, 32), np.float32)  # 8 MiB: split whatever the policy
+    assert CpuPath()._split(_View(layout_of("t", NP, big, 1)), big.nbytes)[1] == 2

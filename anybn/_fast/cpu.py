@@ -46,6 +46,12 @@ __all__ = ["CpuPath"]
 # Below this many bytes of x a call runs on the calling thread: handing work to another
 # thread costs ~20-40 us, more than the kernels take on such inputs.
 _PARALLEL_MIN_BYTES = 1 << 19
+# ... and below this many where OpenMP's workers sleep between parallel regions
+# (OMP_WAIT_POLICY=PASSIVE, as `anybn bench` sets for PyTorch's sake): each region then
+# pays their wake-up, ~50 us on a 2-core VM. 2 threads over 1, NCHW float32 (train /
+# backward / eval): 1.61 / 1.30 / 2.42 at 1 MiB, 1.15 / 0.91 / 1.62 at 2 MiB, 0.89 / 0.70 /
+# 1.13 at 4 MiB, 0.67 / 0.57 / 0.72 at 8 MiB (spinning workers: 0.71 / 0.63 / 0.83 at 1 MiB).
+_PASSIVE_MIN_BYTES = 1 << 23
 
 # Ranges per thread: taken in turn, so that a core shared with another process slows a
 # pass by a fraction of a range rather than by half the work. Each costs ~5 us and, for
@@ -74,6 +80,11 @@ def _num_threads() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def _passive_workers() -> bool:
+    """Whether OpenMP's workers sleep between parallel regions (``OMP_WAIT_POLICY=PASSIVE``)."""
+    return os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
 
 
 class _Threads:
@@ -420,7 +431,7 @@ class CpuPath:
 
     def _split(self, view: _View, nbytes: int) -> tuple[int, int]:
         """(ranges, threads) for a pass over ``nbytes``: one range on the caller when small."""
-        if nbytes < _PARALLEL_MIN_BYTES:
+        if nbytes < _PARALLEL_MIN_BYTES or (nbytes < _PASSIVE_MIN_BYTES and _passive_workers()):
             return 1, 1
         threads = max(1, min(_num_threads(), view.units))
         if threads == 1:  # ranges only balance threads; on one, a single call reads x in order

@@ -107,6 +107,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="time each backend in a process of its own (the rounds still interleave within "
                              "it) and leave OMP_WAIT_POLICY as it is: no backend's thread pool shares the cores "
                              "with another's, so 2-thread ratios are fair to both sides")
+    parser.add_argument("--repeats", type=_positive, default=1,
+                        help="with --separate: run each backend's process this many times, the backends' "
+                             "order reversed each time, and pool the samples of a row's processes (a machine "
+                             "that drifts between processes then drifts for every side alike; default 1)")
     parser.add_argument("--sweep", action="store_true",
                         help="the size sweep: float32 NCHW x from 64 KiB to 512 MiB (replaces --shapes; "
                              "backends numpy-fast and torch unless --backend is given); plot it with "
@@ -185,7 +189,7 @@ def measure(
         copies[spec] = {"shape": spec, "nbytes": copy.nbytes, "traffic_bytes": copy.traffic,
                         "median_ms": copy_s * 1e3, "gbps": copy.traffic / copy_s / 1e9,
                         "threads": threads, "calls_per_sample": copy_number,
-                        **_stability_fields(got["copy"])}
+                        "samples_ms": [t * 1e3 for t in got["copy"]], **_stability_fields(got["copy"])}
     for _ in bar:  # drain, so the bar closes
         pass
 
@@ -340,35 +344,79 @@ def measure_separately(
     dtype: str = "float32",
     rounds: int = DEFAULT_ROUNDS,
     threads: int = 2,
+    repeats: int = 1,
 ) -> dict[str, Any]:
     """As :func:`measure`, with each backend in a fresh interpreter of its own.
 
     In one process, the OpenMP pools of two backends (numba's for anybn's fast path,
     PyTorch's own) take turns on the same cores: spinning workers of one slow the other,
     sleeping ones (``OMP_WAIT_POLICY=PASSIVE``) pay a wake-up per pass. Here each process
-    holds one pool, and the ratios to PyTorch divide medians of different processes. The
-    copy is timed in each process; the report keeps the first process's copies.
+    holds one pool, and the ratios to PyTorch divide medians of different processes.
+
+    A shared machine drifts between processes (on the 2-core VMs of this project the same
+    process measured the same case up to 1.8x apart half an hour later), so ``repeats``
+    runs every backend's process that many times, the order of the backends reversed at
+    each repetition (A B, B A, A B, ...): a drift then falls on every side alike. Each row's
+    samples from all its processes are pooled, and its median, spread and stability are
+    those of the pool (a drift larger than 2x shows as bimodal). The copies likewise.
     """
     import subprocess
 
+    if repeats < 1:
+        raise ValueError(f"repeats must be a positive int, got {repeats}")
     specs = ",".join(s.spec if isinstance(s, shapes.Shape) else str(s) for s in shape_specs)
     env = dict(os.environ, **{_SEPARATE_CHILD: "1"})
     reports = []
-    for backend in backend_names:
-        cmd = [sys.executable, "-m", "anybn", "bench", "--backend", backend, "--shapes", specs, "--ops",
-               ",".join(ops), "--dtype", dtype, "--rounds", str(rounds), "--threads", str(threads), "--json",
-               "--no-progress"]
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if done.returncode not in (0, 1):  # 1: a wrong result, reported in the rows
-            raise RuntimeError(f"anybn bench --backend {backend} failed: {done.stderr[-2000:]}")
-        reports.append(json.loads(done.stdout))
-    results = [row for r in reports for row in r["results"]]
-    for row in results:  # each process's ratios were to a peer it did not hold: redo them
-        row.pop("vs_torch", None)
+    for repeat in range(repeats):
+        for backend in backend_names if repeat % 2 == 0 else list(reversed(backend_names)):
+            cmd = [sys.executable, "-m", "anybn", "bench", "--backend", backend, "--shapes", specs, "--ops",
+                   ",".join(ops), "--dtype", dtype, "--rounds", str(rounds), "--threads", str(threads), "--json",
+                   "--no-progress"]
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if done.returncode not in (0, 1):  # 1: a wrong result, reported in the rows
+                raise RuntimeError(f"anybn bench --backend {backend} failed: {done.stderr[-2000:]}")
+            reports.append(json.loads(done.stdout))
+    results = _pooled([row for r in reports for row in r["results"]], ("shape", "op", "backend"))
+    copies = _pooled([c for r in reports for c in r["copies"]], ("shape",))
+    for copy in copies:
+        copy["gbps"] = copy["traffic_bytes"] / copy["median_ms"] / 1e6
+    copy_gbps = {c["shape"]: c["gbps"] for c in copies}
+    for row in results:
+        row["gbps"] = row["traffic_bytes"] / row["median_ms"] / 1e6
+        if row.get("copy_fraction") is not None and row["shape"] in copy_gbps:
+            row["copy_fraction"] = row["gbps"] / copy_gbps[row["shape"]]
+        row.pop("vs_torch", None)  # each process's ratios were to a peer it did not hold: redo them
     _add_ratios(results)
     report = dict(reports[0])
-    report.update(results=results, skipped=[s for r in reports for s in r["skipped"]], separate=True)
+    skipped = {(s["backend"], s["shape"], s["op"]): s for r in reports for s in r["skipped"]}
+    report.update(results=results, copies=copies, skipped=list(skipped.values()), separate=True,
+                  repeats=repeats)
     return report
+
+
+def _pooled(rows: list[dict[str, Any]], key: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Rows with the same ``key`` fields merged: their samples pooled, the statistics redone."""
+    merged: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for row in rows:
+        k = tuple(row[f] for f in key)
+        if k not in merged:
+            merged[k] = dict(row, samples_ms=list(row.get("samples_ms", [])), processes=1,
+                             process_medians_ms=[row["median_ms"]])
+            continue
+        m = merged[k]
+        m["samples_ms"] += row.get("samples_ms", [])
+        m["processes"] += 1
+        m["process_medians_ms"].append(row["median_ms"])
+        if "max_error" in row:
+            m["max_error"] = max(m["max_error"], row["max_error"])
+            m["accurate"] = m["accurate"] and row["accurate"]
+    for m in merged.values():
+        if m["processes"] > 1 and m["samples_ms"]:
+            m["median_ms"] = statistics.median(m["samples_ms"])
+            if "min_ms" in m:
+                m["min_ms"] = min(m["samples_ms"])
+            m.update(_stability_fields(m["samples_ms"]))
+    return list(merged.values())
 
 
 def run(args: argparse.Namespace) -> int:
@@ -388,9 +436,12 @@ def run(args: argparse.Namespace) -> int:
         shape_specs = list(shapes.SWEEP_SHAPES)
         if backend_names == list(backends.BACKENDS):  # not narrowed by the user
             backend_names = ["numpy-fast", "torch"]
+    if args.repeats > 1 and not args.separate:
+        print("anybn bench: --repeats needs --separate", file=sys.stderr)
+        return 2
     if args.separate:
         report = measure_separately(shape_specs, args.ops, backend_names, dtype=args.dtype, rounds=args.rounds,
-                                    threads=args.threads)
+                                    threads=args.threads, repeats=args.repeats)
     else:
         report = measure(shape_specs, args.ops, backend_names, dtype=args.dtype, rounds=args.rounds,
                          threads=args.threads, show_progress=not args.no_progress)
