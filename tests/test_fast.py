@@ -42,6 +42,8 @@ SHAPES = [
     ((1030, 130), 1),
     ((6, 16, 33, 40), 1),
     ((6, 33, 40, 16), -1),
+    ((1027, 600), 1),  # rows of 512+ features: four rows per sweep, and a tail of 3 rows
+    ((3, 7, 11, 517), -1),
 ]
 
 
