@@ -172,17 +172,26 @@ def measure(
     total = sum(rounds * (len(cs) + 1) for cs in prepared.values())
     bar = progress(range(total), total=total, desc="timing", enabled=show_progress)
     for spec, shape_cases in prepared.items():
+        # The copy (the yardstick of "% copy", split over Python threads) is timed in rounds of
+        # its own before the ops' rounds: interleaved with them, its Python threads left
+        # numba's OpenMP workers asleep or displaced, and the next op paid for it (4096x1024
+        # float32 training forward on 2 threads, after each such copy 1.09 ms, after a
+        # single-thread copy of the same bytes 0.88, alone 0.72; PyTorch 1.11 / 1.12 / 1.05).
         with timing.CopyTimer(shape_cases[0].nbytes, threads) as copy:
-            timers = {}
-            for case in shape_cases:
-                numbers[id(case)] = timing.calibrate(case.timer)
-                timers[str(id(case))] = case.timer(numbers[id(case)])
             copy_number = timing.calibrate(copy.timer)
-            timers["copy"] = copy.timer(copy_number)
-            got: dict[str, list[float]] = {k: [] for k in timers}
-            for key in timing.schedule(list(timers), rounds):
-                got[key].append(timers[key]())
+            copy_timer = copy.timer(copy_number)
+            got: dict[str, list[float]] = {"copy": []}
+            for _ in range(rounds):
+                got["copy"].append(copy_timer())
                 next(bar, None)
+        timers = {}
+        for case in shape_cases:
+            numbers[id(case)] = timing.calibrate(case.timer)
+            timers[str(id(case))] = case.timer(numbers[id(case)])
+        got.update({k: [] for k in timers})
+        for key in timing.schedule(list(timers), rounds):
+            got[key].append(timers[key]())
+            next(bar, None)
         for case in shape_cases:
             samples[id(case)] = got[str(id(case))]
         copy_s = statistics.median(got["copy"])
