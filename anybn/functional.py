@@ -151,23 +151,27 @@ def batch_norm_train(
             f"{fn}: expected more than 1 value per feature when training, got x.shape = "
             f"{layout.shape} ({layout.per_feature} value(s) per feature along axis {layout.axis})"
         )
-    if fused:
+    if residual is not None:
         _check_residual(fn, xp, x, residual)
         kernels = _fast.kernels_for("train", xp, *_large(x, residual))
         return _train_stages(xp, x, layout, kernels, weight, bias, eps, activation, residual)
-    return _train_plain(xp, x, layout, _fast.kernels_for("train", xp, x), weight, bias, eps)
+    return _train_plain(xp, x, layout, _fast.kernels_for("train", xp, x), weight, bias, eps, activation)
 
 
 def _train_plain(
     xp: Namespace, x: Array, layout: Layout, kernels: Kernels, weight: Array | None, bias: Array | None,
-    eps: float,
+    eps: float, activation: str | None = None,
 ) -> tuple[Array, BatchNormSaved]:
-    """Plain batch normalization's training forward: a fast path's whole step in one compiled
-    call where it has one (proven equal to the stages), else the stages."""
+    """Batch normalization's training forward, fused with ``activation`` but no residual: a
+    fast path's whole step in one compiled call where it has one (proven equal to the
+    stages), else the stages."""
     whole = getattr(kernels, "train_whole", None)
-    if whole is not None and (done := whole(xp, x, layout, weight, bias, eps)) is not None:
-        return done
-    return _train_stages(xp, x, layout, kernels, weight, bias, eps)
+    if whole is not None:
+        done = whole(xp, x, layout, weight, bias, eps) if activation is None else whole(
+            xp, x, layout, weight, bias, eps, activation=activation)
+        if done is not None:
+            return done
+    return _train_stages(xp, x, layout, kernels, weight, bias, eps, activation)
 
 
 def _train_stages(
@@ -408,8 +412,13 @@ def _fixed(
     if fused:
         _check_residual(fn, xp, x, residual)
     kernels = _fast.kernels_for("eval", xp, *_large(x, residual)) if fused else _fast.kernels_for("eval", xp, x)
-    whole = None if fused else getattr(kernels, "eval_whole", None)  # one compiled call, proven equal
-    y = None if whole is None else whole(xp, x, layout, mean, var, weight, bias, eps)
+    # one compiled call, proven equal; with an activation only for inference (backward would
+    # recompute z from the coefficients below, which must be those that made y)
+    whole = getattr(kernels, "eval_whole", None) if not fused or (residual is None and not keep) else None
+    y = None
+    if whole is not None:
+        y = whole(xp, x, layout, mean, var, weight, bias, eps) if activation is None else whole(
+            xp, x, layout, mean, var, weight, bias, eps, activation=activation)
     if y is not None and not keep:
         return y, None
     # no reductions: the statistics are given
@@ -522,14 +531,16 @@ def batch_norm_backward(dy: Array, saved: BatchNormSaved) -> tuple[Array, ...]:
     x = saved.x
     xp = _checked_grad(fn, dy, x)
     layout = saved.layout if saved.layout is not None else layout_of(fn, xp, x, saved.axis)
-    if saved.act is not None:
-        kernels = _fast.kernels_for("backward", xp, x, dy, *_large(saved.act.residual))
+    act = saved.act
+    if act is not None and (act.residual is not None or saved.r is not None or saved.groups is not None):
+        kernels = _fast.kernels_for("backward", xp, x, dy, *_large(act.residual))
         return _backward_stages(xp, x, dy, saved, layout, kernels)
     kernels = _fast.kernels_for("backward", xp, x, dy)
     if saved.groups is not None:
         return _ghost_backward(xp, dy, saved, kernels)
-    # one compiled call where a fast path has it, proven equal (plain batch normalization only)
-    whole = getattr(kernels, "backward_whole", None) if saved.plain else None
+    # one compiled call where a fast path has it, proven equal (plain batch normalization,
+    # fused with an activation or not)
+    whole = getattr(kernels, "backward_whole", None) if saved.r is None else None
     if whole is not None and (done := whole(xp, dy, saved, layout)) is not None:
         return done
     return _backward_stages(xp, x, dy, saved, layout, kernels)

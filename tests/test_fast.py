@@ -397,15 +397,25 @@ def test_a_broken_numba_leaves_the_generic_path_serving(monkeypatch):
     ((2048, 130), 1, np.float32),  # rows
     ((16, 30, 30, 40), -1, np.float64),  # channels-last rows
 ])
-def test_numba_pool_and_python_threads_give_the_same_bits(monkeypatch, shape, axis, dtype):
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_numba_pool_and_python_threads_give_the_same_bits(monkeypatch, shape, axis, dtype, activation):
     """The passes split the same ranges whichever threads run them: identical results."""
     monkeypatch.delenv("ANYBN_FAST_PATHS", raising=False)
     monkeypatch.setenv("ANYBN_NUM_THREADS", "2")
     path = _fast.select("train", NP, np.ones((4, 3), np.float32))
     x, dy, w, b = _data(shape, axis, dtype, offset=2.0)
-    pooled = _run_all(x, dy, w, b, axis)
+
+    def run():
+        if activation is None:
+            return _run_all(x, dy, w, b, axis)
+        y, saved = anybn.batch_norm_train(x, w, b, axis=axis, activation=activation)
+        dx, dw, db = anybn.batch_norm_backward(dy, saved)
+        y_eval = anybn.batch_norm_eval(x, saved.mean, saved.var, w, b, axis=axis, activation=activation)
+        return {"y": y, "dx": dx, "dweight": dw, "dbias": db, "y_eval": y_eval}
+
+    pooled = run()
     monkeypatch.setattr(path, "_pool_pid", -1)  # as where numba's pool cannot serve
-    threaded = _run_all(x, dy, w, b, axis)
+    threaded = run()
     for key in pooled:
         np.testing.assert_array_equal(pooled[key], threaded[key], err_msg=key)
 

@@ -39,7 +39,8 @@ LAYERS = {
     "anybn._kernels": {"anybn._layout", "anybn._moments", "anybn._namespace"},
     "anybn._steps": {"anybn._moments", "anybn._namespace", "anybn._saved"},
     "anybn._fast": {"anybn._kernels", "anybn._fast.cpu", "anybn._fast.cuda"},  # the registry builds its paths
-    "anybn._fast.cpu": {"anybn._layout", "anybn._moments", "anybn._saved", "anybn._fast._cpu_kernels"},
+    "anybn._fast.cpu": {"anybn._kernels", "anybn._layout", "anybn._moments", "anybn._saved",
+                        "anybn._fast._cpu_kernels"},
 }
 
 
@@ -119,12 +120,16 @@ def test_cpu_path_holds_no_coefficient_arithmetic():
     ((2048, 130), 1), ((16, 40, 30, 30), 1), ((16, 30, 30, 40), -1),  # large: split across threads
     ((3, 400, 23, 29), 1),  # planes in several groups of features (2 MiB of x in float64)
 ])
-def test_whole_steps_equal_the_stages(monkeypatch, shape, axis, dtype, threads):
-    """The CPU path's whole-step kernels (plain BN) against its own stages and float64.
+@pytest.mark.parametrize("activation", [None, "relu", "sigmoid"])
+def test_whole_steps_equal_the_stages(monkeypatch, shape, axis, dtype, threads, activation):
+    """The CPU path's whole-step kernels (BN, fused with an activation or not) against its own
+    stages and float64.
 
     Both compute the same float64 sums and round the same coefficients to x's dtype: they
     may differ by the rounding of the pivot split (mean rounded vs one sample), a few ulps
-    of the output's magnitude. Bound: 8 ulp of max(|y|, 1) in x's dtype.
+    of the output's magnitude. Bound: 8 ulp of max(|y|, 1) in x's dtype. (No z of this
+    data lies within such a rounding of ReLU's kink, where the two could take different
+    sides: that would fail loudly, by |dy|, not within the bound.)
     """
     from anybn._fast.cpu import CpuPath
 
@@ -137,9 +142,9 @@ def test_whole_steps_equal_the_stages(monkeypatch, shape, axis, dtype, threads):
     mean, var = rng.standard_normal(c).astype(dtype), rng.uniform(0.5, 2, c).astype(dtype)
 
     def run():
-        y, saved = anybn.batch_norm_train(x, w, b, axis=axis)
+        y, saved = anybn.batch_norm_train(x, w, b, axis=axis, activation=activation)
         dx, dw, db = anybn.batch_norm_backward(dy, saved)
-        return y, dx, dw, db, anybn.batch_norm_eval(x, mean, var, w, b, axis=axis)
+        return y, dx, dw, db, anybn.batch_norm_eval(x, mean, var, w, b, axis=axis, activation=activation)
 
     whole = run()
     for name in ("train_whole", "eval_whole", "backward_whole"):
@@ -158,6 +163,10 @@ def test_whole_steps_equal_the_stages(monkeypatch, shape, axis, dtype, threads):
     mean_l = xl.mean(axis=tuple(range(xl.ndim - 1)))
     invstd_l = 1 / np.sqrt(((xl - mean_l) ** 2).mean(axis=tuple(range(xl.ndim - 1))) + np.longdouble(1e-5))
     y_l = (xl - mean_l) * invstd_l * w.astype(np.longdouble) + b.astype(np.longdouble)
+    if activation == "relu":  # both 1-Lipschitz: the bound below still holds
+        y_l = np.maximum(y_l, 0)
+    elif activation == "sigmoid":
+        y_l = 1 / (1 + np.exp(-y_l))
     u, m = ulp / 2, x.size // c
     stat_u = 16 * u + m * 2.0**-53 if dtype == "float32" else (16 + m) * u
     r = float(np.max(np.abs((xl - mean_l) * invstd_l)))

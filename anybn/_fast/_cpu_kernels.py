@@ -539,17 +539,20 @@ def _all_finite(partial, features):  # pragma: no cover - compiled
     return True
 
 
-# ---- planes: one feature at a time
+# ---- planes: one group of features at a time
+# act: the fused activation's code (0 none, as ACT_CODES); zp, zs, zt: the forward apply's
+# coefficients, from which backward recomputes z (empty arrays without an activation). A
+# residual always takes the stages.
 
 
 @_kernel
-def train_planes_features(x, eps, weight, bias, lo, hi, y, coef):  # pragma: no cover - compiled
+def train_planes_features(x, eps, weight, bias, act, lo, hi, y, coef):  # pragma: no cover - compiled
     """Training forward of (N, C, L) for the group of features lo..hi: their sums, their
     coefficients, then their apply, so that the apply finds the group's planes in cache.
 
     Within each sample the group's planes are one contiguous run, read in order (feature by
     feature, each plane's prefetch stream restarts: 1.7x slower measured). coef (6, C) as in
-    _train_coefficient; the sums are those of ``moments_planes``.
+    _train_coefficient; the sums are those of ``moments_planes``; y = act(BN(x)).
     """
     planes, inner = x.shape[0], x.shape[2]
     count = planes * inner
@@ -571,15 +574,20 @@ def train_planes_features(x, eps, weight, bias, lo, hi, y, coef):  # pragma: no 
     for n in range(planes):
         for c in range(lo, hi):
             pc, sc, tc = coef[0, c], coef[1, c], coef[2, c]
-            for i in range(inner):
-                y[n, c, i] = (x[n, c, i] - pc) * sc + tc
+            if act == 0:  # one loop per case: a branch inside would keep it scalar
+                for i in range(inner):
+                    y[n, c, i] = (x[n, c, i] - pc) * sc + tc
+            else:
+                for i in range(inner):
+                    y[n, c, i] = _act((x[n, c, i] - pc) * sc + tc, act)
 
 
 @_kernel
-def backward_planes_features(x, dy, pivot, invstd, weight, delta, batch_stats, lo, hi, dx,
+def backward_planes_features(x, dy, pivot, invstd, weight, delta, batch_stats, act, zp, zs, zt, lo, hi, dx,
                              coef):  # pragma: no cover - compiled
     """Backward of (N, C, L) for the group of features lo..hi, as ``train_planes_features``:
-    coef (5, C) as in _backward_coefficient; the sums are those of ``grad_sums_planes``."""
+    coef (5, C) as in _backward_coefficient; the sums are those of ``grad_sums_planes``
+    (``grad_sums_act_planes`` with an activation: dy' = dy * act'(z))."""
     planes, inner = x.shape[0], x.shape[2]
     count = planes * inner
     s1 = np.zeros(hi - lo)
@@ -589,10 +597,17 @@ def backward_planes_features(x, dy, pivot, invstd, weight, delta, batch_stats, l
             shift = np.float64(pivot[c])
             a1 = 0.0
             a2 = 0.0
-            for i in range(inner):
-                g = np.float64(dy[n, c, i])
-                a1 += g
-                a2 += g * (np.float64(x[n, c, i]) - shift)
+            if act == 0:
+                for i in range(inner):
+                    g = np.float64(dy[n, c, i])
+                    a1 += g
+                    a2 += g * (np.float64(x[n, c, i]) - shift)
+            else:
+                zpc, zsc, ztc = zp[c], zs[c], zt[c]
+                for i in range(inner):
+                    g = np.float64(_act_grad(dy[n, c, i], (x[n, c, i] - zpc) * zsc + ztc, act))
+                    a1 += g
+                    a2 += g * (np.float64(x[n, c, i]) - shift)
             s1[c - lo] += a1
             s2[c - lo] += a2
     for c in range(lo, hi):
@@ -600,41 +615,83 @@ def backward_planes_features(x, dy, pivot, invstd, weight, delta, batch_stats, l
     for n in range(planes):
         for c in range(lo, hi):
             pc, ac, bc, kc = pivot[c], coef[0, c], coef[1, c], coef[2, c]
-            for i in range(inner):
-                dx[n, c, i] = kc * (dy[n, c, i] + ac * (x[n, c, i] - pc) + bc)
+            if act == 0:
+                for i in range(inner):
+                    dx[n, c, i] = kc * (dy[n, c, i] + ac * (x[n, c, i] - pc) + bc)
+            else:
+                zpc, zsc, ztc = zp[c], zs[c], zt[c]
+                for i in range(inner):
+                    g = _act_grad(dy[n, c, i], (x[n, c, i] - zpc) * zsc + ztc, act)
+                    dx[n, c, i] = kc * (g + ac * (x[n, c, i] - pc) + bc)
 
 
 @nb.njit(nogil=True, cache=True)
-def train_planes_whole(x, eps, weight, bias, groups, y, coef):  # pragma: no cover - compiled
+def train_planes_whole(x, eps, weight, bias, act, groups, y, coef):  # pragma: no cover - compiled
     """Training forward of (N, C, L) on the calling thread, in ``groups`` groups of features:
     y, and coef (6, C)."""
     features = x.shape[1]
     for g in range(groups):
-        train_planes_features(x, eps, weight, bias, features * g // groups, features * (g + 1) // groups, y, coef)
+        train_planes_features(x, eps, weight, bias, act, features * g // groups, features * (g + 1) // groups, y,
+                              coef)
 
 
 @nb.njit(nogil=True, cache=True)
-def backward_planes_whole(x, dy, pivot, invstd, weight, delta, batch_stats, groups, dx,
+def backward_planes_whole(x, dy, pivot, invstd, weight, delta, batch_stats, act, zp, zs, zt, groups, dx,
                           coef):  # pragma: no cover - compiled
     """Backward of (N, C, L) on the calling thread, in ``groups`` groups of features: dx, and coef (5, C)."""
     features = x.shape[1]
     for g in range(groups):
-        backward_planes_features(x, dy, pivot, invstd, weight, delta, batch_stats, features * g // groups,
-                                 features * (g + 1) // groups, dx, coef)
+        backward_planes_features(x, dy, pivot, invstd, weight, delta, batch_stats, act, zp, zs, zt,
+                                 features * g // groups, features * (g + 1) // groups, dx, coef)
 
 
 @nb.njit(nogil=True, cache=True)
-def eval_planes_whole(x, mean, var, eps, weight, bias, y, coef):  # pragma: no cover - compiled
+def eval_planes_whole(x, mean, var, eps, weight, bias, act, y, coef):  # pragma: no cover - compiled
     """Inference of (N, C, L) on the calling thread: coef (3, C) as in eval_coefficients."""
     eval_coefficients(mean, var, eps, weight, bias, coef)
-    affine_planes(x, coef[0], coef[1], coef[2], 0, x.shape[0] * x.shape[1], y)
+    _apply_planes(x, coef, act, 0, x.shape[0] * x.shape[1], y)
 
 
 # ---- rows: two passes with the coefficients between them
 
 
+@nb.njit(inline="always")
+def _apply_rows(x, coef, act, lo, hi, y):  # pragma: no cover - compiled
+    """y = act((x - coef[0]) * coef[1] + coef[2]) over rows lo..hi."""
+    if act == 0:
+        affine_rows(x, coef[0], coef[1], coef[2], lo, hi, y)
+    else:
+        affine_act_rows(x, coef[0], coef[1], coef[2], np.empty((0, 0), dtype=x.dtype), act, lo, hi, y)
+
+
+@nb.njit(inline="always")
+def _apply_planes(x, coef, act, lo, hi, y):  # pragma: no cover - compiled
+    """As ``_apply_rows`` over planes lo..hi."""
+    if act == 0:
+        affine_planes(x, coef[0], coef[1], coef[2], lo, hi, y)
+    else:
+        affine_act_planes(x, coef[0], coef[1], coef[2], np.empty((0, 0, 0), dtype=x.dtype), act, lo, hi, y)
+
+
+@nb.njit(inline="always")
+def _grad_sums_rows_any(x, dy, p64, act, zp, zs, zt, lo, hi, s1, s2):  # pragma: no cover - compiled
+    if act == 0:
+        grad_sums_rows(x, dy, p64, lo, hi, s1, s2)
+    else:
+        grad_sums_act_rows(x, dy, p64, zp, zs, zt, np.empty((0, 0), dtype=x.dtype), act, lo, hi, s1, s2)
+
+
+@nb.njit(inline="always")
+def _grad_input_rows_any(x, dy, pivot, coef, act, zp, zs, zt, lo, hi, dx):  # pragma: no cover - compiled
+    if act == 0:
+        grad_input_rows(x, dy, pivot, coef[0], coef[1], coef[2], lo, hi, dx)
+    else:
+        none = np.empty((0, 0), dtype=x.dtype)
+        grad_input_act_rows(x, dy, pivot, coef[0], coef[1], coef[2], zp, zs, zt, none, act, lo, hi, dx, none)
+
+
 @nb.njit(nogil=True, cache=True)
-def train_rows_whole(x, eps, weight, bias, y, coef):  # pragma: no cover - compiled
+def train_rows_whole(x, eps, weight, bias, act, y, coef):  # pragma: no cover - compiled
     """Training forward of (R, C) on the calling thread: y, and coef (6, C) as in _train_coefficient."""
     features = x.shape[1]
     first = x[0].astype(np.float64)
@@ -644,28 +701,30 @@ def train_rows_whole(x, eps, weight, bias, y, coef):  # pragma: no cover - compi
         partial[:] = 0
         moments_rows64(x, first, 0, x.shape[0], partial[0, 0, :features], partial[0, 1, :features])
     train_coefficients(partial, first, x.shape[0], eps, weight, bias, coef)
-    affine_rows(x, coef[0], coef[1], coef[2], 0, x.shape[0], y)
+    _apply_rows(x, coef, act, 0, x.shape[0], y)
 
 
 @nb.njit(nogil=True, cache=True)
-def backward_rows_whole(x, dy, pivot, invstd, weight, delta, batch_stats, dx, coef):  # pragma: no cover
+def backward_rows_whole(x, dy, pivot, invstd, weight, delta, batch_stats, act, zp, zs, zt, dx,
+                        coef):  # pragma: no cover - compiled
     """Backward of (R, C) on the calling thread: dx, and coef (5, C) as in _backward_coefficient."""
     features = x.shape[1]
     p64 = pivot.astype(np.float64)
     partial = np.zeros((1, 2, features + 8))
-    grad_sums_rows(x, dy, p64, 0, x.shape[0], partial[0, 0, :features], partial[0, 1, :features])
-    if not _all_finite(partial, features):  # blocked sums overflowed: float64 throughout
+    _grad_sums_rows_any(x, dy, p64, act, zp, zs, zt, 0, x.shape[0], partial[0, 0, :features],
+                        partial[0, 1, :features])
+    if act == 0 and not _all_finite(partial, features):  # blocked sums overflowed: float64 throughout
         partial[:] = 0
         grad_sums_rows64(x, dy, p64, 0, x.shape[0], partial[0, 0, :features], partial[0, 1, :features])
     backward_coefficients(partial, invstd, weight, delta, x.shape[0], batch_stats, coef)
-    grad_input_rows(x, dy, pivot, coef[0], coef[1], coef[2], 0, x.shape[0], dx)
+    _grad_input_rows_any(x, dy, pivot, coef, act, zp, zs, zt, 0, x.shape[0], dx)
 
 
 @nb.njit(nogil=True, cache=True)
-def eval_rows_whole(x, mean, var, eps, weight, bias, y, coef):  # pragma: no cover - compiled
+def eval_rows_whole(x, mean, var, eps, weight, bias, act, y, coef):  # pragma: no cover - compiled
     """Inference of (R, C) on the calling thread: coef (3, C) as in eval_coefficients."""
     eval_coefficients(mean, var, eps, weight, bias, coef)
-    affine_rows(x, coef[0], coef[1], coef[2], 0, x.shape[0], y)
+    _apply_rows(x, coef, act, 0, x.shape[0], y)
 
 
 # ------------------------------------------------------- passes split across threads (prange)
@@ -812,25 +871,26 @@ def grad_input_act_planes_par(x, dy, pivot, a, b, k, zp, zs, zt, res, act, parts
 
 
 @_parallel
-def train_planes_whole_par(x, eps, weight, bias, parts, y, coef):  # pragma: no cover - compiled
+def train_planes_whole_par(x, eps, weight, bias, act, parts, y, coef):  # pragma: no cover - compiled
     """``train_planes_whole`` with its ``parts`` groups of features across threads."""
     features = x.shape[1]
     for p in nb.prange(parts):
-        train_planes_features(x, eps, weight, bias, features * p // parts, features * (p + 1) // parts, y, coef)
+        train_planes_features(x, eps, weight, bias, act, features * p // parts, features * (p + 1) // parts, y,
+                              coef)
 
 
 @_parallel
-def backward_planes_whole_par(x, dy, pivot, invstd, weight, delta, batch_stats, parts, dx,
+def backward_planes_whole_par(x, dy, pivot, invstd, weight, delta, batch_stats, act, zp, zs, zt, parts, dx,
                               coef):  # pragma: no cover - compiled
     """``backward_planes_whole`` with its ``parts`` groups of features across threads."""
     features = x.shape[1]
     for p in nb.prange(parts):
-        backward_planes_features(x, dy, pivot, invstd, weight, delta, batch_stats, features * p // parts,
-                                 features * (p + 1) // parts, dx, coef)
+        backward_planes_features(x, dy, pivot, invstd, weight, delta, batch_stats, act, zp, zs, zt,
+                                 features * p // parts, features * (p + 1) // parts, dx, coef)
 
 
 @_parallel
-def train_rows_whole_par(x, eps, weight, bias, parts, y, coef):  # pragma: no cover - compiled
+def train_rows_whole_par(x, eps, weight, bias, act, parts, y, coef):  # pragma: no cover - compiled
     """``train_rows_whole`` with each pass in ``parts`` ranges of rows across threads."""
     units, features = x.shape[0], x.shape[1]
     first = x[0].astype(np.float64)
@@ -844,47 +904,43 @@ def train_rows_whole_par(x, eps, weight, bias, parts, y, coef):  # pragma: no co
             moments_rows64(x, first, units * p // parts, units * (p + 1) // parts, partial[p, 0, :features],
                            partial[p, 1, :features])
     train_coefficients(partial, first, units, eps, weight, bias, coef)
-    pivot, scale, shift = coef[0], coef[1], coef[2]
     for p in nb.prange(parts):
-        affine_rows(x, pivot, scale, shift, units * p // parts, units * (p + 1) // parts, y)
+        _apply_rows(x, coef, act, units * p // parts, units * (p + 1) // parts, y)
 
 
 @_parallel
-def backward_rows_whole_par(x, dy, pivot, invstd, weight, delta, batch_stats, parts, dx,
+def backward_rows_whole_par(x, dy, pivot, invstd, weight, delta, batch_stats, act, zp, zs, zt, parts, dx,
                             coef):  # pragma: no cover - compiled
     """``backward_rows_whole`` with each pass in ``parts`` ranges of rows across threads."""
     units, features = x.shape[0], x.shape[1]
     p64 = pivot.astype(np.float64)
     partial = np.zeros((parts, 2, features + 8))
     for p in nb.prange(parts):
-        grad_sums_rows(x, dy, p64, units * p // parts, units * (p + 1) // parts, partial[p, 0, :features],
-                       partial[p, 1, :features])
-    if not _all_finite(partial, features):  # blocked sums overflowed: float64 throughout
+        _grad_sums_rows_any(x, dy, p64, act, zp, zs, zt, units * p // parts, units * (p + 1) // parts,
+                            partial[p, 0, :features], partial[p, 1, :features])
+    if act == 0 and not _all_finite(partial, features):  # blocked sums overflowed: float64 throughout
         partial[:] = 0
         for p in nb.prange(parts):
             grad_sums_rows64(x, dy, p64, units * p // parts, units * (p + 1) // parts, partial[p, 0, :features],
                              partial[p, 1, :features])
     backward_coefficients(partial, invstd, weight, delta, units, batch_stats, coef)
-    a, b, k = coef[0], coef[1], coef[2]
     for p in nb.prange(parts):
-        grad_input_rows(x, dy, pivot, a, b, k, units * p // parts, units * (p + 1) // parts, dx)
+        _grad_input_rows_any(x, dy, pivot, coef, act, zp, zs, zt, units * p // parts, units * (p + 1) // parts, dx)
 
 
 @_parallel
-def eval_rows_whole_par(x, mean, var, eps, weight, bias, parts, y, coef):  # pragma: no cover - compiled
+def eval_rows_whole_par(x, mean, var, eps, weight, bias, act, parts, y, coef):  # pragma: no cover - compiled
     """``eval_rows_whole`` with the pass in ``parts`` ranges of rows across threads."""
     units = x.shape[0]
     eval_coefficients(mean, var, eps, weight, bias, coef)
-    pivot, scale, shift = coef[0], coef[1], coef[2]
     for p in nb.prange(parts):
-        affine_rows(x, pivot, scale, shift, units * p // parts, units * (p + 1) // parts, y)
+        _apply_rows(x, coef, act, units * p // parts, units * (p + 1) // parts, y)
 
 
 @_parallel
-def eval_planes_whole_par(x, mean, var, eps, weight, bias, parts, y, coef):  # pragma: no cover - compiled
+def eval_planes_whole_par(x, mean, var, eps, weight, bias, act, parts, y, coef):  # pragma: no cover - compiled
     """``eval_planes_whole`` with the pass in ``parts`` ranges of planes across threads."""
     units = x.shape[0] * x.shape[1]
     eval_coefficients(mean, var, eps, weight, bias, coef)
-    pivot, scale, shift = coef[0], coef[1], coef[2]
     for p in nb.prange(parts):
-        affine_planes(x, pivot, scale, shift, units * p // parts, units * (p + 1) // parts, y)
+        _apply_planes(x, coef, act, units * p // parts, units * (p + 1) // parts, y)

@@ -37,6 +37,7 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
+from .._kernels import Activation
 from .._layout import Layout
 from .._moments import GradSums, Sums
 from .._saved import BatchNormSaved
@@ -270,8 +271,8 @@ class CpuPath:
     # None where they cannot serve (numba's pool unusable on several threads, or too few
     # features to split planes by): the stages serve then.
 
-    def train_whole(self, xp: Any, x: np.ndarray, layout: Layout, weight: Any, bias: Any,
-                    eps: float) -> tuple[np.ndarray, BatchNormSaved] | None:
+    def train_whole(self, xp: Any, x: np.ndarray, layout: Layout, weight: Any, bias: Any, eps: float, *,
+                    activation: str | None = None) -> tuple[np.ndarray, BatchNormSaved] | None:
         view = _View(layout)
         plan = self._whole_plan(view, x.nbytes)
         if plan is None:
@@ -281,7 +282,7 @@ class CpuPath:
         coef = np.empty((6, view.features), dtype=x.dtype)  # pivot, scale, shift, invstd, var, delta
         y = np.empty_like(xv)
         k = self._k
-        args = (xv, eps, _given(weight), _given(bias))
+        args = (xv, eps, _given(weight), _given(bias), k.ACT_CODES[activation])
         if pooled:
             (k.train_rows_whole_par if view.rows else k.train_planes_whole_par)(*args, parts, y, coef)
         elif threads > 1:  # the same kernels on Python threads: the same bits
@@ -290,21 +291,24 @@ class CpuPath:
             k.train_rows_whole(*args, y, coef)
         else:
             k.train_planes_whole(*args, parts, y, coef)
-        pivot, _, _, invstd, var, delta = coef
+        pivot, scale, shift, invstd, var, delta = coef
         saved = BatchNormSaved(x=x, mean=pivot, invstd=invstd, var=var, weight=weight, has_bias=bias is not None,
                                axis=layout.axis, eps=eps, count=view.count, pivot=pivot, delta=delta, layout=layout)
+        if activation is not None:  # backward recomputes z from x and these
+            saved.act = Activation(activation, pivot, scale, shift, None)
         return y.reshape(x.shape), saved
 
     def eval_whole(self, xp: Any, x: np.ndarray, layout: Layout, mean: Any, var: Any, weight: Any, bias: Any,
-                   eps: float) -> np.ndarray | None:
+                   eps: float, *, activation: str | None = None) -> np.ndarray | None:
         # lean: on small inputs this call is most of inference's time (256 x 64: ~5 us of ~12)
         rows = layout.inner == 1
         c = layout.features
         xv = x.reshape((layout.outer, c) if rows else layout.folded_shape)
         y = np.empty_like(xv)
         coef = np.empty((3, c), dtype=x.dtype)
-        args = (xv, np.asarray(mean), np.asarray(var), eps, _given(weight), _given(bias))
         k = self._k
+        act = k.ACT_CODES[activation]
+        args = (xv, np.asarray(mean), np.asarray(var), eps, _given(weight), _given(bias), act)
         if x.nbytes < _PARALLEL_MIN_BYTES:
             (k.eval_rows_whole if rows else k.eval_planes_whole)(*args, y, coef)
             return y.reshape(x.shape)
@@ -315,9 +319,8 @@ class CpuPath:
         if pooled:
             (k.eval_rows_whole_par if rows else k.eval_planes_whole_par)(*args, parts, y, coef)
         elif threads > 1:
-            k.eval_coefficients(*args[1:], coef)
-            affine = k.affine_rows if rows else k.affine_planes
-            self._threads.run(lambda i, lo, hi: affine(xv, coef[0], coef[1], coef[2], lo, hi, y),
+            k.eval_coefficients(*args[1:-1], coef)
+            self._threads.run(lambda i, lo, hi: self._apply_range(view, xv, coef, act, lo, hi, y),
                               view.units, parts, threads)
         else:
             (k.eval_rows_whole if rows else k.eval_planes_whole)(*args, y, coef)
@@ -325,9 +328,9 @@ class CpuPath:
 
     def backward_whole(self, xp: Any, dy: np.ndarray, saved: BatchNormSaved,
                        layout: Layout) -> tuple[np.ndarray, Any, Any] | None:
-        x = saved.x
+        x, act = saved.x, saved.act
         view = _View(layout)
-        if not saved.batch_stats or saved.pivot is None:
+        if not saved.batch_stats or saved.pivot is None or (act is not None and act.residual is not None):
             return None
         plan = self._whole_plan(view, 2 * x.nbytes)
         if plan is None:
@@ -335,9 +338,14 @@ class CpuPath:
         parts, threads, pooled = plan
         dx = np.empty_like(view.fold(x))
         coef = np.empty((5, view.features), dtype=x.dtype)  # a, b, k, dweight, dbias
-        args = (view.fold(x), view.fold(dy), np.asarray(saved.pivot, dtype=x.dtype), np.asarray(saved.invstd),
-                _given(saved.weight), np.asarray(saved.delta), True)
         k = self._k
+        fused: tuple[Any, ...] = (0, _ABSENT_X[x.dtype], _ABSENT_X[x.dtype], _ABSENT_X[x.dtype])
+        if act is not None:
+            c = view.features
+            fused = (k.ACT_CODES[act.kind], _vector(act.pivot, x.dtype, c), _vector(act.scale, x.dtype, c),
+                     _vector(act.shift, x.dtype, c))
+        args = (view.fold(x), view.fold(dy), np.asarray(saved.pivot, dtype=x.dtype), np.asarray(saved.invstd),
+                _given(saved.weight), np.asarray(saved.delta), True, *fused)
         if pooled:
             (k.backward_rows_whole_par if view.rows else k.backward_planes_whole_par)(*args, parts, dx, coef)
         elif threads > 1:  # the same kernels on Python threads: the same bits
@@ -379,39 +387,63 @@ class CpuPath:
     def _train_threaded(self, view: _View, args: tuple[Any, ...], parts: int, threads: int, y: np.ndarray,
                         coef: np.ndarray) -> None:
         """``train_*_whole_par`` on Python threads (where numba's pool cannot serve)."""
-        k, xv = self._k, args[0]
+        k, xv, act = self._k, args[0], args[-1]
         if not view.rows:
             self._threads.run(lambda i, lo, hi: k.train_planes_features(*args, lo, hi, y, coef),
                               view.features, parts, threads)
             return
         first = xv[0].astype(np.float64)
-        partial = self._partial_sums(k.moments_rows, k.moments_rows64, (xv, first), view, parts, threads)
-        k.train_coefficients(partial, first, view.units, *args[1:], coef)
-        self._threads.run(lambda i, lo, hi: k.affine_rows(xv, coef[0], coef[1], coef[2], lo, hi, y),
+        partial = self._partial_sums((k.moments_rows, k.moments_rows64), (xv, first), view, parts, threads)
+        k.train_coefficients(partial, first, view.units, *args[1:-1], coef)
+        self._threads.run(lambda i, lo, hi: self._apply_range(view, xv, coef, act, lo, hi, y),
                           view.units, parts, threads)
+
+    def _apply_range(self, view: _View, xv: np.ndarray, coef: np.ndarray, act: int, lo: int, hi: int,
+                     y: np.ndarray) -> None:
+        """y = act((x - coef[0]) * coef[1] + coef[2]) over units lo..hi, on this thread."""
+        k = self._k
+        if act == 0:
+            (k.affine_rows if view.rows else k.affine_planes)(xv, coef[0], coef[1], coef[2], lo, hi, y)
+        else:
+            affine = k.affine_act_rows if view.rows else k.affine_act_planes
+            affine(xv, coef[0], coef[1], coef[2], _folded_or_empty(view, None, xv.dtype), act, lo, hi, y)
 
     def _backward_threaded(self, view: _View, args: tuple[Any, ...], parts: int, threads: int, dx: np.ndarray,
                            coef: np.ndarray) -> None:
         """``backward_*_whole_par`` on Python threads (where numba's pool cannot serve)."""
         k = self._k
-        xv, dyv, pivot, invstd, weight, delta, batch_stats = args
+        xv, dyv, pivot, invstd, weight, delta, batch_stats, act, zp, zs, zt = args
         if not view.rows:
             self._threads.run(lambda i, lo, hi: k.backward_planes_features(*args, lo, hi, dx, coef),
                               view.features, parts, threads)
             return
-        partial = self._partial_sums(k.grad_sums_rows, k.grad_sums_rows64, (xv, dyv, pivot.astype(np.float64)),
-                                     view, parts, threads)
+        p64 = pivot.astype(np.float64)
+        none = _folded_or_empty(view, None, xv.dtype)
+        if act == 0:
+            partial = self._partial_sums((k.grad_sums_rows, k.grad_sums_rows64), (xv, dyv, p64), view, parts,
+                                         threads)
+        else:
+            partial = self._partial_sums((k.grad_sums_act_rows,), (xv, dyv, p64, zp, zs, zt, none, act), view,
+                                         parts, threads)
         k.backward_coefficients(partial, invstd, weight, delta, view.units, batch_stats, coef)
-        self._threads.run(lambda i, lo, hi: k.grad_input_rows(xv, dyv, pivot, coef[0], coef[1], coef[2], lo, hi, dx),
-                          view.units, parts, threads)
+        if act == 0:
+            self._threads.run(
+                lambda i, lo, hi: k.grad_input_rows(xv, dyv, pivot, coef[0], coef[1], coef[2], lo, hi, dx),
+                view.units, parts, threads)
+        else:
+            self._threads.run(
+                lambda i, lo, hi: k.grad_input_act_rows(xv, dyv, pivot, coef[0], coef[1], coef[2], zp, zs, zt, none,
+                                                        act, lo, hi, dx, none),
+                view.units, parts, threads)
 
-    def _partial_sums(self, kernel: Callable[..., None], kernel64: Callable[..., None], args: tuple[Any, ...],
-                      view: _View, parts: int, threads: int) -> np.ndarray:
-        """The (parts, 2, C + 8) partial sums of a rows reduction on Python threads, summed
-        again in float64 where the blocked sums overflowed (as the ``*_whole_par`` kernels do)."""
+    def _partial_sums(self, kernels: tuple[Callable[..., None], ...], args: tuple[Any, ...], view: _View,
+                      parts: int, threads: int) -> np.ndarray:
+        """The (parts, 2, C + 8) partial sums of a rows reduction on Python threads, by the
+        first of ``kernels``, summed again by the next (float64 throughout) where the blocked
+        sums overflowed (as the ``*_whole_par`` kernels do)."""
         c = view.features
         partial = np.zeros((parts, 2, c + 8))
-        for run in (kernel, kernel64):
+        for run in kernels:
             self._threads.run(lambda i, lo, hi: run(*args, lo, hi, partial[i, 0, :c], partial[i, 1, :c]),
                               view.units, parts, threads)
             if np.all(np.isfinite(partial[:, 1, :c])):
@@ -482,6 +514,7 @@ class CpuPath:
 
 
 _ABSENT = np.empty(0)
+_ABSENT_X = {dtype: np.empty(0, dtype) for dtype in _DTYPES}  # no forward coefficients (no activation)
 
 
 def _out(view: _View, out: np.ndarray | None, like: np.ndarray) -> np.ndarray:
