@@ -339,7 +339,20 @@ def grad_sums_act_rows(x, dy, pivot, zp, zs, zt, res, act, lo, hi, sum_dy, sum_d
     while r < hi:
         end = min(r + _BLOCK, hi)
         if relu:  # BN + ReLU, the common case: one loop over C, the mask a select (vectorized)
-            for rr in range(r, end):
+            rr = r
+            if features >= _WIDE:  # four rows per sweep, as in moments_rows
+                while rr + 4 <= end:
+                    for c in range(features):
+                        zpc, zsc, ztc, pc = zp[c], zs[c], zt[c], p[c]
+                        g0 = dy[rr, c] if (x[rr, c] - zpc) * zsc + ztc > 0 else dy[rr, c] * 0
+                        g1 = dy[rr + 1, c] if (x[rr + 1, c] - zpc) * zsc + ztc > 0 else dy[rr + 1, c] * 0
+                        g2 = dy[rr + 2, c] if (x[rr + 2, c] - zpc) * zsc + ztc > 0 else dy[rr + 2, c] * 0
+                        g3 = dy[rr + 3, c] if (x[rr + 3, c] - zpc) * zsc + ztc > 0 else dy[rr + 3, c] * 0
+                        a1[c] += (g0 + g1) + (g2 + g3)
+                        a2[c] += (g0 * (x[rr, c] - pc) + g1 * (x[rr + 1, c] - pc)) + (
+                            g2 * (x[rr + 2, c] - pc) + g3 * (x[rr + 3, c] - pc))
+                    rr += 4
+            for rr in range(rr, end):
                 for c in range(features):
                     gc = dy[rr, c] if (x[rr, c] - zp[c]) * zs[c] + zt[c] > 0 else dy[rr, c] * 0
                     a1[c] += gc
