@@ -10,7 +10,11 @@ across threads (``nogil=True``):
 - *rows* kernels take x as (R, C) with the features contiguous (2-D inputs, channels-last);
   a unit is a row, and the loop over C vectorizes without reordering any sum;
 - *planes* kernels take x as (N, C, L) with L > 1 (NCHW and friends); a unit is one plane
-  ``(n, c)`` of L contiguous values, summed with reassociation allowed (``fastmath`` below).
+  ``(n, c)`` of L contiguous values, summed with reassociation allowed (``fastmath`` below);
+  the whole-step planes kernels take a group of features as their unit.
+
+The ``*_whole`` functions chain a step's kernels with its coefficients on the calling
+thread, the ``*_par`` ones split each pass across numba's pool (see the sections below).
 
 Numerics: sums are of values shifted by a per-feature ``pivot`` near the mean (a sample of x,
 exact in x's dtype), accumulated in float64: plane by plane for the planes kernels, and for

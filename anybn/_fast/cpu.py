@@ -9,14 +9,23 @@ code of ``anybn._steps``):
 - ``grad_sums``: one pass, x and dy read once;
 - ``grad_apply``: one pass, x and dy read again, dx written once.
 
+Batch normalization itself, fused with an activation or not, takes the whole steps
+(``train_whole``, ``eval_whole``, ``backward_whole``): the same passes and the coefficient
+formulas compiled together in one call, so no Python runs between the passes. Planes
+(NCHW) go by groups of features of a few MiB, each group's sums, coefficients and apply in
+turn, so that the apply reads x (and dy) from cache rather than memory. The stages serve
+the variants (residual, renormalization, ghost, synchronized) and the cases the whole steps
+decline.
+
 Apart from y (or dx), every allocation is O(C). Work is split into contiguous ranges of
-rows or planes, a few per thread. The four passes run each split on numba's own thread pool
+rows, planes or groups of features, a few per thread, run on numba's own thread pool
 (``prange``, on the OpenMP or TBB threading layer), whose workers answer in microseconds;
 handing ranges to Python threads cost ~80 us per pass on 2-core VMs, more than a pass over
 16 MiB takes (docs/benchmarks.md has the measurement). Where numba's pool cannot serve (its
 ``workqueue`` layer, which is not thread-safe, or a process forked after the pool started,
-where GNU OpenMP would abort), and for the fused-activation kernels, the ranges go to Python
-threads instead (the kernels release the GIL). Small inputs run on the calling thread.
+where GNU OpenMP would abort), the same ranges go to Python threads instead (the kernels
+release the GIL), with the same results to the bit. Small inputs run on the calling thread
+(larger ones too where OpenMP's workers sleep between regions, ``OMP_WAIT_POLICY=PASSIVE``).
 ``ANYBN_NUM_THREADS`` caps the thread count (read at each call); the default is the number
 of CPUs this process may run on.
 
