@@ -286,20 +286,11 @@ class CpuPath:
         plan = self._whole_plan(view, x.nbytes)
         if plan is None:
             return None
-        parts, threads, pooled = plan
         xv = view.fold(x)
         coef = np.empty((6, view.features), dtype=x.dtype)  # pivot, scale, shift, invstd, var, delta
         y = np.empty_like(xv)
-        k = self._k
-        args = (xv, eps, _given(weight), _given(bias), k.ACT_CODES[activation])
-        if pooled:
-            (k.train_rows_whole_par if view.rows else k.train_planes_whole_par)(*args, parts, y, coef)
-        elif threads > 1:  # the same kernels on Python threads: the same bits
-            self._train_threaded(view, args, parts, threads, y, coef)
-        elif view.rows:
-            k.train_rows_whole(*args, y, coef)
-        else:
-            k.train_planes_whole(*args, parts, y, coef)
+        args = (xv, eps, _given(weight), _given(bias), self._k.ACT_CODES[activation])
+        self._run_whole("train", view, args, plan, y, coef)
         pivot, scale, shift, invstd, var, delta = coef
         saved = BatchNormSaved(x=x, mean=pivot, invstd=invstd, var=var, weight=weight, has_bias=bias is not None,
                                axis=layout.axis, eps=eps, count=view.count, pivot=pivot, delta=delta, layout=layout)
@@ -344,7 +335,6 @@ class CpuPath:
         plan = self._whole_plan(view, 2 * x.nbytes)
         if plan is None:
             return None
-        parts, threads, pooled = plan
         dx = np.empty_like(view.fold(x))
         coef = np.empty((5, view.features), dtype=x.dtype)  # a, b, k, dweight, dbias
         k = self._k
@@ -355,16 +345,24 @@ class CpuPath:
                      _vector(act.shift, x.dtype, c))
         args = (view.fold(x), view.fold(dy), np.asarray(saved.pivot, dtype=x.dtype), np.asarray(saved.invstd),
                 _given(saved.weight), np.asarray(saved.delta), True, *fused)
-        if pooled:
-            (k.backward_rows_whole_par if view.rows else k.backward_planes_whole_par)(*args, parts, dx, coef)
-        elif threads > 1:  # the same kernels on Python threads: the same bits
-            self._backward_threaded(view, args, parts, threads, dx, coef)
-        elif view.rows:
-            k.backward_rows_whole(*args, dx, coef)
-        else:
-            k.backward_planes_whole(*args, parts, dx, coef)
+        self._run_whole("backward", view, args, plan, dx, coef)
         return (dx.reshape(x.shape), None if saved.weight is None else coef[3],
                 coef[4] if saved.has_bias else None)
+
+    def _run_whole(self, step: str, view: _View, args: tuple[Any, ...], plan: tuple[int, int, bool],
+                   out: np.ndarray, coef: np.ndarray) -> None:
+        """``{step}_{rows|planes}_whole`` (``_par`` on numba's pool) as ``plan`` says."""
+        parts, threads, pooled = plan
+        whole = getattr(self._k, f"{step}_{'rows' if view.rows else 'planes'}_whole")
+        if pooled:
+            getattr(self._k, whole.__name__ + "_par")(*args, parts, out, coef)
+        elif threads > 1:  # the same kernels on Python threads: the same bits
+            (self._train_threaded if step == "train" else self._backward_threaded)(view, args, parts, threads,
+                                                                                  out, coef)
+        elif view.rows:
+            whole(*args, out, coef)
+        else:  # planes: the groups of features in turn
+            whole(*args, parts, out, coef)
 
     def _whole_plan(self, view: _View, nbytes: int, by_feature: bool = True) -> tuple[int, int, bool] | None:
         """(parts, threads, on numba's pool) for a whole step over ``nbytes`` (x, or x and dy),
