@@ -399,7 +399,16 @@ def grad_input_act_rows(x, dy, pivot, a, b, k, zp, zs, zt, res, act, lo, hi, dx,
     """dx = k * (dy' + a * (x - pivot) + b), and dres = dy' where dres is not empty."""
     features, want_dres = x.shape[1], dres.shape[0] > 0
     if act == 1 and res.shape[0] == 0 and not want_dres:  # BN + ReLU: one vectorized loop
-        for r in range(lo, hi):
+        r = lo
+        if features >= _WIDE:  # four rows per sweep: the seven per-feature loads once for four rows
+            while r + 4 <= hi:  # (4096 x 1024 float32, 2 threads: 1.55 -> 1.29 ms)
+                for c in range(features):
+                    pc, ac, bc, kc, zpc, zsc, ztc = pivot[c], a[c], b[c], k[c], zp[c], zs[c], zt[c]
+                    for q in range(4):
+                        gq = dy[r + q, c] if (x[r + q, c] - zpc) * zsc + ztc > 0 else dy[r + q, c] * 0
+                        dx[r + q, c] = kc * (gq + ac * (x[r + q, c] - pc) + bc)
+                r += 4
+        for r in range(r, hi):
             for c in range(features):
                 gc = dy[r, c] if (x[r, c] - zp[c]) * zs[c] + zt[c] > 0 else dy[r, c] * 0
                 dx[r, c] = k[c] * (gc + a[c] * (x[r, c] - pivot[c]) + b[c])
