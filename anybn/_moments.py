@@ -13,9 +13,12 @@ these go to BLAS, which is multi-threaded and allocates no temporaries.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
+
+import array_api_compat
 
 from ._layout import Layout, fold
 from ._namespace import Array, Namespace, accumulation_dtype
@@ -28,6 +31,21 @@ _ONE_LEVEL_MAX = 8192
 # The pivot is the mean of the first 1/64 of the outer slices: close enough to the batch mean
 # that var = E[d^2] - E[d]^2 loses nothing, at 1/64 of a pass.
 _PIVOT_FRACTION = 64
+
+
+def _blas_quiet(xp: Namespace) -> contextlib.AbstractContextManager[Any]:
+    """On NumPy, the invalid-operation flag ignored around the BLAS products of the sums.
+
+    OpenBLAS kernels can raise FE_INVALID on finite inputs (numpy/numpy#24067,
+    OpenMathLib/OpenBLAS#1924; seen here once in a float32 (12, 5) @ (5,) product), which
+    NumPy reports as "invalid value encountered in matmul". NaN and inf in x still reach
+    the sums and the outputs; only the warning goes.
+    """
+    if array_api_compat.is_numpy_namespace(xp):
+        import numpy
+
+        return numpy.errstate(invalid="ignore")
+    return contextlib.nullcontext()
 
 
 def _blocking(n: int) -> tuple[int, int, int]:
@@ -107,16 +125,18 @@ class FeatureReducer:
 
     def sum(self, v: Array) -> Array:
         """Per-feature sum of a folded array, shape (C,)."""
-        if self._layout.inner == 1:
-            return self._sum_rows(v)
-        return self._sum_rows(self._sum_inner(v))
+        with _blas_quiet(self._xp):
+            if self._layout.inner == 1:
+                return self._sum_rows(v)
+            return self._sum_rows(self._sum_inner(v))
 
     def dot(self, a: Array, b: Array) -> Array:
         """Per-feature sum of ``a * b`` for two folded arrays, shape (C,)."""
-        if self._layout.inner == 1:
-            # vecdot along axis 0 is strided and slow; one product temporary is cheaper
-            return self._sum_rows(a * b)
-        return self._sum_rows(self._dot_inner(a, b))
+        with _blas_quiet(self._xp):
+            if self._layout.inner == 1:
+                # vecdot along axis 0 is strided and slow; one product temporary is cheaper
+                return self._sum_rows(a * b)
+            return self._sum_rows(self._dot_inner(a, b))
 
     def pivot(self, xf: Array) -> Array:
         """Per-feature mean of the first 1/64 of the outer slices, shape (C,)."""
@@ -126,9 +146,10 @@ class FeatureReducer:
             return xf[0, ...]
         # scaled before summing: a sum of values near the dtype's max would overflow
         head = xf[:k, ...] * (1.0 / (k * lo.inner))
-        if lo.inner > 1:
-            head = self._sum_inner(head)
-        return self._sum_rows(head)
+        with _blas_quiet(self._xp):
+            if lo.inner > 1:
+                head = self._sum_inner(head)
+            return self._sum_rows(head)
 
 
 class Sums(NamedTuple):
