@@ -115,8 +115,8 @@ def check_feature_vector(
         ) from None
     if a_dtype != dtype:
         check_floating(fn, name, xp, a)
-    if a_shape != (features,) and tuple(a_shape) != (features,):  # NumPy's shape is a tuple already
+    if tuple(a_shape) != (features,):
         raise ValueError(
-            f"{fn}: {name} has shape {tuple(a.shape)}, expected ({features},) = the size "
+            f"{fn}: {name} has shape {tuple(a_shape)}, expected ({features},) = the size "
             f"of x along axis {axis} (x.shape = {shape})"
         )

@@ -132,10 +132,10 @@ class FeatureReducer:
 
     def dot(self, a: Array, b: Array) -> Array:
         """Per-feature sum of ``a * b`` for two folded arrays, shape (C,)."""
+        if self._layout.inner == 1:
+            # vecdot along axis 0 is strided and slow; one product temporary is cheaper
+            return self.sum(a * b)  # the product outside the guard: inf * 0 there still warns
         with _blas_quiet(self._xp):
-            if self._layout.inner == 1:
-                # vecdot along axis 0 is strided and slow; one product temporary is cheaper
-                return self._sum_rows(a * b)
             return self._sum_rows(self._dot_inner(a, b))
 
     def pivot(self, xf: Array) -> Array:

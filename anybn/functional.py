@@ -167,8 +167,7 @@ def _train_plain(
     stages), else the stages."""
     whole = getattr(kernels, "train_whole", None)
     if whole is not None:
-        done = whole(xp, x, layout, weight, bias, eps) if activation is None else whole(
-            xp, x, layout, weight, bias, eps, activation=activation)
+        done = whole(xp, x, layout, weight, bias, eps, activation=activation)
         if done is not None:
             return done
     return _train_stages(xp, x, layout, kernels, weight, bias, eps, activation)
@@ -415,10 +414,7 @@ def _fixed(
     # one compiled call, proven equal; with an activation only for inference (backward would
     # recompute z from the coefficients below, which must be those that made y)
     whole = getattr(kernels, "eval_whole", None) if not fused or (residual is None and not keep) else None
-    y = None
-    if whole is not None:
-        y = whole(xp, x, layout, mean, var, weight, bias, eps) if activation is None else whole(
-            xp, x, layout, mean, var, weight, bias, eps, activation=activation)
+    y = None if whole is None else whole(xp, x, layout, mean, var, weight, bias, eps, activation=activation)
     if y is not None and not keep:
         return y, None
     # no reductions: the statistics are given

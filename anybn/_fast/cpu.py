@@ -376,16 +376,13 @@ class CpuPath:
         alone is larger than a group (its sums and its apply would not meet in cache).
         """
         parts, threads = self._split(view, nbytes)
-        if not (view.rows or not by_feature):
+        if by_feature and not view.rows and nbytes >= _PARALLEL_MIN_BYTES:
             features = view.features
-            if nbytes < _PARALLEL_MIN_BYTES:
-                parts = 1  # one group: all of it stays in cache
-            else:
-                per_feature = max(1, nbytes // features)
-                if threads > 1 and (features < _FEATURES_PER_THREAD * threads or per_feature > _GROUP_BYTES):
-                    return None
-                groups = -(-features // max(1, _GROUP_BYTES // per_feature))  # ceiling divisions
-                parts = min(features, -(-groups // threads) * threads)
+            per_feature = max(1, nbytes // features)
+            if threads > 1 and (features < _FEATURES_PER_THREAD * threads or per_feature > _GROUP_BYTES):
+                return None
+            groups = -(-features // max(1, _GROUP_BYTES // per_feature))  # ceiling divisions
+            parts = min(features, -(-groups // threads) * threads)
         pooled = threads > 1 and self._pool_ok()
         if pooled:
             _numba_threads(threads)
