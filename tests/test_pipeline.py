@@ -41,6 +41,8 @@ LAYERS = {
     "anybn._fast": {"anybn._kernels", "anybn._fast.cpu", "anybn._fast.cuda"},  # the registry builds its paths
     "anybn._fast.cpu": {"anybn._kernels", "anybn._layout", "anybn._moments", "anybn._saved",
                         "anybn._fast._cpu_kernels"},
+    "anybn._fast._cpu_kernels": {"anybn._fast._stream"},
+    "anybn._fast._stream": set(),
 }
 
 

@@ -32,6 +32,8 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
+from . import _stream as streaming
+
 # Sums may be reordered (vectorized); no nnan/ninf/nsz: NaN and inf propagate as in NumPy.
 _FLAGS = {"reassoc", "contract"}
 _kernel = nb.njit(nogil=True, cache=True, fastmath=_FLAGS, error_model="numpy", boundscheck=False)
@@ -572,15 +574,16 @@ def _all_finite(partial, features):  # pragma: no cover - compiled
 
 
 @_kernel
-def train_planes_features(x, eps, weight, bias, act, lo, hi, y, coef):  # pragma: no cover - compiled
+def train_planes_features(x, eps, weight, bias, act, stream, lo, hi, y, coef):  # pragma: no cover - compiled
     """Training forward of (N, C, L) for the group of features lo..hi: their sums, their
     coefficients, then their apply, so that the apply finds the group's planes in cache.
+    ``stream``: the apply writes y with streaming stores (``_stream``; act 0 or 1).
 
     Within each sample the group's planes are one contiguous run, read in order (feature by
     feature, each plane's prefetch stream restarts: 1.7x slower measured). coef (6, C) as in
     _train_coefficient; the sums are those of ``moments_planes``; y = act(BN(x)).
     """
-    planes, inner = x.shape[0], x.shape[2]
+    planes, features, inner = x.shape[0], x.shape[1], x.shape[2]
     count = planes * inner
     s1 = np.zeros(hi - lo)
     s2 = np.zeros(hi - lo)
@@ -598,6 +601,9 @@ def train_planes_features(x, eps, weight, bias, act, lo, hi, y, coef):  # pragma
     for c in range(lo, hi):
         _train_coefficient(s1[c - lo], s2[c - lo], np.float64(x[0, c, 0]), count, eps, weight, bias, c, coef)
     for n in range(planes):
+        if stream and act < 2:
+            streaming.affine_planes(x, coef, act, n * features + lo, n * features + hi, y)
+            continue
         for c in range(lo, hi):
             pc, sc, tc = coef[0, c], coef[1, c], coef[2, c]
             if act == 0:  # one loop per case: a branch inside would keep it scalar
@@ -609,12 +615,12 @@ def train_planes_features(x, eps, weight, bias, act, lo, hi, y, coef):  # pragma
 
 
 @_kernel
-def backward_planes_features(x, dy, pivot, invstd, weight, delta, batch_stats, act, zp, zs, zt, lo, hi, dx,
-                             coef):  # pragma: no cover - compiled
+def backward_planes_features(x, dy, pivot, invstd, weight, delta, batch_stats, act, zp, zs, zt, stream, lo, hi,
+                             dx, coef):  # pragma: no cover - compiled
     """Backward of (N, C, L) for the group of features lo..hi, as ``train_planes_features``:
     coef (5, C) as in _backward_coefficient; the sums are those of ``grad_sums_planes``
-    (``grad_sums_act_planes`` with an activation: dy' = dy * act'(z))."""
-    planes, inner = x.shape[0], x.shape[2]
+    (``grad_sums_act_planes`` with an activation: dy' = dy * act'(z)); ``stream`` as there."""
+    planes, features, inner = x.shape[0], x.shape[1], x.shape[2]
     count = planes * inner
     s1 = np.zeros(hi - lo)
     s2 = np.zeros(hi - lo)
@@ -639,6 +645,9 @@ def backward_planes_features(x, dy, pivot, invstd, weight, delta, batch_stats, a
     for c in range(lo, hi):
         _backward_coefficient(s1[c - lo], s2[c - lo], invstd, weight, delta, count, batch_stats, c, coef)
     for n in range(planes):
+        if stream and act < 2:
+            streaming.grad_planes(x, dy, pivot, coef, act, zp, zs, zt, n * features + lo, n * features + hi, dx)
+            continue
         for c in range(lo, hi):
             pc, ac, bc, kc = pivot[c], coef[0, c], coef[1, c], coef[2, c]
             if act == 0:
@@ -652,48 +661,53 @@ def backward_planes_features(x, dy, pivot, invstd, weight, delta, batch_stats, a
 
 
 @nb.njit(nogil=True, cache=True)
-def train_planes_whole(x, eps, weight, bias, act, groups, y, coef):  # pragma: no cover - compiled
+def train_planes_whole(x, eps, weight, bias, act, stream, groups, y, coef):  # pragma: no cover - compiled
     """Training forward of (N, C, L) on the calling thread, in ``groups`` groups of features:
     y, and coef (6, C)."""
     features = x.shape[1]
     for g in range(groups):
-        train_planes_features(x, eps, weight, bias, act, features * g // groups, features * (g + 1) // groups, y,
-                              coef)
+        train_planes_features(x, eps, weight, bias, act, stream, features * g // groups,
+                              features * (g + 1) // groups, y, coef)
 
 
 @nb.njit(nogil=True, cache=True)
-def backward_planes_whole(x, dy, pivot, invstd, weight, delta, batch_stats, act, zp, zs, zt, groups, dx,
+def backward_planes_whole(x, dy, pivot, invstd, weight, delta, batch_stats, act, zp, zs, zt, stream, groups, dx,
                           coef):  # pragma: no cover - compiled
     """Backward of (N, C, L) on the calling thread, in ``groups`` groups of features: dx, and coef (5, C)."""
     features = x.shape[1]
     for g in range(groups):
-        backward_planes_features(x, dy, pivot, invstd, weight, delta, batch_stats, act, zp, zs, zt,
+        backward_planes_features(x, dy, pivot, invstd, weight, delta, batch_stats, act, zp, zs, zt, stream,
                                  features * g // groups, features * (g + 1) // groups, dx, coef)
 
 
 @nb.njit(nogil=True, cache=True)
-def eval_planes_whole(x, mean, var, eps, weight, bias, act, y, coef):  # pragma: no cover - compiled
+def eval_planes_whole(x, mean, var, eps, weight, bias, act, stream, y, coef):  # pragma: no cover - compiled
     """Inference of (N, C, L) on the calling thread: coef (3, C) as in eval_coefficients."""
     eval_coefficients(mean, var, eps, weight, bias, coef)
-    _apply_planes(x, coef, act, 0, x.shape[0] * x.shape[1], y)
+    _apply_planes(x, coef, act, stream, 0, x.shape[0] * x.shape[1], y)
 
 
 # ---- rows: two passes with the coefficients between them
 
 
 @nb.njit(inline="always")
-def _apply_rows(x, coef, act, lo, hi, y):  # pragma: no cover - compiled
-    """y = act((x - coef[0]) * coef[1] + coef[2]) over rows lo..hi."""
-    if act == 0:
+def _apply_rows(x, coef, act, stream, lo, hi, y):  # pragma: no cover - compiled
+    """y = act((x - coef[0]) * coef[1] + coef[2]) over rows lo..hi; ``stream``: streaming
+    stores, row by row (act 0 or 1)."""
+    if stream and act < 2:
+        streaming.affine_rows(x, coef, act, lo, hi, y)
+    elif act == 0:
         affine_rows(x, coef[0], coef[1], coef[2], lo, hi, y)
     else:
         affine_act_rows(x, coef[0], coef[1], coef[2], np.empty((0, 0), dtype=x.dtype), act, lo, hi, y)
 
 
 @nb.njit(inline="always")
-def _apply_planes(x, coef, act, lo, hi, y):  # pragma: no cover - compiled
+def _apply_planes(x, coef, act, stream, lo, hi, y):  # pragma: no cover - compiled
     """As ``_apply_rows`` over planes lo..hi."""
-    if act == 0:
+    if stream and act < 2:
+        streaming.affine_planes(x, coef, act, lo, hi, y)
+    elif act == 0:
         affine_planes(x, coef[0], coef[1], coef[2], lo, hi, y)
     else:
         affine_act_planes(x, coef[0], coef[1], coef[2], np.empty((0, 0, 0), dtype=x.dtype), act, lo, hi, y)
@@ -708,8 +722,10 @@ def _grad_sums_rows_any(x, dy, p64, act, zp, zs, zt, lo, hi, s1, s2):  # pragma:
 
 
 @nb.njit(inline="always")
-def _grad_input_rows_any(x, dy, pivot, coef, act, zp, zs, zt, lo, hi, dx):  # pragma: no cover - compiled
-    if act == 0:
+def _grad_input_rows_any(x, dy, pivot, coef, act, zp, zs, zt, stream, lo, hi, dx):  # pragma: no cover - compiled
+    if stream and act < 2:
+        streaming.grad_rows(x, dy, pivot, coef, act, zp, zs, zt, lo, hi, dx)
+    elif act == 0:
         grad_input_rows(x, dy, pivot, coef[0], coef[1], coef[2], lo, hi, dx)
     else:
         none = np.empty((0, 0), dtype=x.dtype)
@@ -717,7 +733,7 @@ def _grad_input_rows_any(x, dy, pivot, coef, act, zp, zs, zt, lo, hi, dx):  # pr
 
 
 @nb.njit(nogil=True, cache=True)
-def train_rows_whole(x, eps, weight, bias, act, y, coef):  # pragma: no cover - compiled
+def train_rows_whole(x, eps, weight, bias, act, stream, y, coef):  # pragma: no cover - compiled
     """Training forward of (R, C) on the calling thread: y, and coef (6, C) as in _train_coefficient."""
     features = x.shape[1]
     first = x[0].astype(np.float64)
@@ -727,11 +743,11 @@ def train_rows_whole(x, eps, weight, bias, act, y, coef):  # pragma: no cover - 
         partial[:] = 0
         moments_rows64(x, first, 0, x.shape[0], partial[0, 0, :features], partial[0, 1, :features])
     train_coefficients(partial, first, x.shape[0], eps, weight, bias, coef)
-    _apply_rows(x, coef, act, 0, x.shape[0], y)
+    _apply_rows(x, coef, act, stream, 0, x.shape[0], y)
 
 
 @nb.njit(nogil=True, cache=True)
-def backward_rows_whole(x, dy, pivot, invstd, weight, delta, batch_stats, act, zp, zs, zt, dx,
+def backward_rows_whole(x, dy, pivot, invstd, weight, delta, batch_stats, act, zp, zs, zt, stream, dx,
                         coef):  # pragma: no cover - compiled
     """Backward of (R, C) on the calling thread: dx, and coef (5, C) as in _backward_coefficient."""
     features = x.shape[1]
@@ -743,14 +759,35 @@ def backward_rows_whole(x, dy, pivot, invstd, weight, delta, batch_stats, act, z
         partial[:] = 0
         grad_sums_rows64(x, dy, p64, 0, x.shape[0], partial[0, 0, :features], partial[0, 1, :features])
     backward_coefficients(partial, invstd, weight, delta, x.shape[0], batch_stats, coef)
-    _grad_input_rows_any(x, dy, pivot, coef, act, zp, zs, zt, 0, x.shape[0], dx)
+    _grad_input_rows_any(x, dy, pivot, coef, act, zp, zs, zt, stream, 0, x.shape[0], dx)
 
 
 @nb.njit(nogil=True, cache=True)
-def eval_rows_whole(x, mean, var, eps, weight, bias, act, y, coef):  # pragma: no cover - compiled
+def eval_rows_whole(x, mean, var, eps, weight, bias, act, stream, y, coef):  # pragma: no cover - compiled
     """Inference of (R, C) on the calling thread: coef (3, C) as in eval_coefficients."""
     eval_coefficients(mean, var, eps, weight, bias, coef)
-    _apply_rows(x, coef, act, 0, x.shape[0], y)
+    _apply_rows(x, coef, act, stream, 0, x.shape[0], y)
+
+
+# ---- one range of a whole step's apply pass, for Python threads (where numba's pool cannot serve)
+
+
+@_kernel
+def apply_rows_range(x, coef, act, stream, lo, hi, y):  # pragma: no cover - compiled
+    """``_apply_rows`` over rows lo..hi."""
+    _apply_rows(x, coef, act, stream, lo, hi, y)
+
+
+@_kernel
+def apply_planes_range(x, coef, act, stream, lo, hi, y):  # pragma: no cover - compiled
+    """``_apply_planes`` over planes lo..hi."""
+    _apply_planes(x, coef, act, stream, lo, hi, y)
+
+
+@_kernel
+def grad_input_rows_range(x, dy, pivot, coef, act, zp, zs, zt, stream, lo, hi, dx):  # pragma: no cover - compiled
+    """``_grad_input_rows_any`` over rows lo..hi."""
+    _grad_input_rows_any(x, dy, pivot, coef, act, zp, zs, zt, stream, lo, hi, dx)
 
 
 # ------------------------------------------------------- passes split across threads (prange)
@@ -897,26 +934,26 @@ def grad_input_act_planes_par(x, dy, pivot, a, b, k, zp, zs, zt, res, act, parts
 
 
 @_parallel
-def train_planes_whole_par(x, eps, weight, bias, act, parts, y, coef):  # pragma: no cover - compiled
+def train_planes_whole_par(x, eps, weight, bias, act, stream, parts, y, coef):  # pragma: no cover - compiled
     """``train_planes_whole`` with its ``parts`` groups of features across threads."""
     features = x.shape[1]
     for p in nb.prange(parts):
-        train_planes_features(x, eps, weight, bias, act, features * p // parts, features * (p + 1) // parts, y,
-                              coef)
+        train_planes_features(x, eps, weight, bias, act, stream, features * p // parts,
+                              features * (p + 1) // parts, y, coef)
 
 
 @_parallel
-def backward_planes_whole_par(x, dy, pivot, invstd, weight, delta, batch_stats, act, zp, zs, zt, parts, dx,
-                              coef):  # pragma: no cover - compiled
+def backward_planes_whole_par(x, dy, pivot, invstd, weight, delta, batch_stats, act, zp, zs, zt, stream, parts,
+                              dx, coef):  # pragma: no cover - compiled
     """``backward_planes_whole`` with its ``parts`` groups of features across threads."""
     features = x.shape[1]
     for p in nb.prange(parts):
-        backward_planes_features(x, dy, pivot, invstd, weight, delta, batch_stats, act, zp, zs, zt,
+        backward_planes_features(x, dy, pivot, invstd, weight, delta, batch_stats, act, zp, zs, zt, stream,
                                  features * p // parts, features * (p + 1) // parts, dx, coef)
 
 
 @_parallel
-def train_rows_whole_par(x, eps, weight, bias, act, parts, y, coef):  # pragma: no cover - compiled
+def train_rows_whole_par(x, eps, weight, bias, act, stream, parts, y, coef):  # pragma: no cover - compiled
     """``train_rows_whole`` with each pass in ``parts`` ranges of rows across threads."""
     units, features = x.shape[0], x.shape[1]
     first = x[0].astype(np.float64)
@@ -931,11 +968,11 @@ def train_rows_whole_par(x, eps, weight, bias, act, parts, y, coef):  # pragma: 
                            partial[p, 1, :features])
     train_coefficients(partial, first, units, eps, weight, bias, coef)
     for p in nb.prange(parts):
-        _apply_rows(x, coef, act, units * p // parts, units * (p + 1) // parts, y)
+        _apply_rows(x, coef, act, stream, units * p // parts, units * (p + 1) // parts, y)
 
 
 @_parallel
-def backward_rows_whole_par(x, dy, pivot, invstd, weight, delta, batch_stats, act, zp, zs, zt, parts, dx,
+def backward_rows_whole_par(x, dy, pivot, invstd, weight, delta, batch_stats, act, zp, zs, zt, stream, parts, dx,
                             coef):  # pragma: no cover - compiled
     """``backward_rows_whole`` with each pass in ``parts`` ranges of rows across threads."""
     units, features = x.shape[0], x.shape[1]
@@ -951,22 +988,23 @@ def backward_rows_whole_par(x, dy, pivot, invstd, weight, delta, batch_stats, ac
                              partial[p, 1, :features])
     backward_coefficients(partial, invstd, weight, delta, units, batch_stats, coef)
     for p in nb.prange(parts):
-        _grad_input_rows_any(x, dy, pivot, coef, act, zp, zs, zt, units * p // parts, units * (p + 1) // parts, dx)
+        _grad_input_rows_any(x, dy, pivot, coef, act, zp, zs, zt, stream, units * p // parts,
+                             units * (p + 1) // parts, dx)
 
 
 @_parallel
-def eval_rows_whole_par(x, mean, var, eps, weight, bias, act, parts, y, coef):  # pragma: no cover - compiled
+def eval_rows_whole_par(x, mean, var, eps, weight, bias, act, stream, parts, y, coef):  # pragma: no cover - compiled
     """``eval_rows_whole`` with the pass in ``parts`` ranges of rows across threads."""
     units = x.shape[0]
     eval_coefficients(mean, var, eps, weight, bias, coef)
     for p in nb.prange(parts):
-        _apply_rows(x, coef, act, units * p // parts, units * (p + 1) // parts, y)
+        _apply_rows(x, coef, act, stream, units * p // parts, units * (p + 1) // parts, y)
 
 
 @_parallel
-def eval_planes_whole_par(x, mean, var, eps, weight, bias, act, parts, y, coef):  # pragma: no cover - compiled
+def eval_planes_whole_par(x, mean, var, eps, weight, bias, act, stream, parts, y, coef):  # pragma: no cover
     """``eval_planes_whole`` with the pass in ``parts`` ranges of planes across threads."""
     units = x.shape[0] * x.shape[1]
     eval_coefficients(mean, var, eps, weight, bias, coef)
     for p in nb.prange(parts):
-        _apply_planes(x, coef, act, units * p // parts, units * (p + 1) // parts, y)
+        _apply_planes(x, coef, act, stream, units * p // parts, units * (p + 1) // parts, y)

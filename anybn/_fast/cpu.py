@@ -40,6 +40,7 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -77,6 +78,36 @@ _GROUP_BYTES = 4 << 20
 _FEATURES_PER_THREAD = 4
 
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _last_level_cache_bytes(sysfs: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int:
+    """The largest CPU cache's size in bytes: from Linux's sysfs (``index*/size``, e.g.
+    ``32768K``), else ``sysconf``, else 32 MiB."""
+    sizes = []
+    for index in sysfs.glob("index*"):
+        try:
+            text = (index / "size").read_text().strip().upper()
+            unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+            sizes.append(int(text.rstrip("KMG")) * unit)
+        except (OSError, ValueError):
+            continue
+    if not sizes:
+        try:
+            sizes.append(os.sysconf("SC_LEVEL3_CACHE_SIZE"))
+        except (ValueError, OSError, AttributeError):
+            pass
+    largest = max(sizes, default=0)
+    return largest if largest > 0 else 32 << 20
+
+
+# A whole step whose inputs and output together are at least twice the last-level cache
+# writes its output with streaming stores (see ``_stream``): little of the output could
+# stay in cache for its next reader, and a plain store reads each line before writing it.
+# Smaller steps keep plain stores and leave the output in cache. Streaming needs runs (a
+# row, or a plane) of whole 64-byte lines in an output aligned to 64 bytes: a plain store
+# into a line beside streamed ones stalls (rows of 64 float32 offset by 32 bytes: 9x slower).
+_STREAM_CACHE_BYTES = _last_level_cache_bytes()
+_LINE = 64
 
 
 def _num_threads() -> int:
@@ -288,8 +319,9 @@ class CpuPath:
             return None
         xv = view.fold(x)
         coef = np.empty((6, view.features), dtype=x.dtype)  # pivot, scale, shift, invstd, var, delta
-        y = np.empty_like(xv)
-        args = (xv, eps, _given(weight), _given(bias), self._k.ACT_CODES[activation])
+        stream = _streams(view, 2 * x.nbytes, x.itemsize)
+        y = _empty(xv, stream)
+        args = (xv, eps, _given(weight), _given(bias), self._k.ACT_CODES[activation], stream)
         self._run_whole("train", view, args, plan, y, coef)
         pivot, scale, shift, invstd, var, delta = coef
         saved = BatchNormSaved(x=x, mean=pivot, invstd=invstd, var=var, weight=weight, has_bias=bias is not None,
@@ -304,23 +336,26 @@ class CpuPath:
         rows = layout.inner == 1
         c = layout.features
         xv = x.reshape((layout.outer, c) if rows else layout.folded_shape)
-        y = np.empty_like(xv)
         coef = np.empty((3, c), dtype=x.dtype)
         k = self._k
         act = k.ACT_CODES[activation]
-        args = (xv, np.asarray(mean), np.asarray(var), eps, _given(weight), _given(bias), act)
         if x.nbytes < _PARALLEL_MIN_BYTES:
+            y = np.empty_like(xv)
+            args = (xv, np.asarray(mean), np.asarray(var), eps, _given(weight), _given(bias), act, False)
             (k.eval_rows_whole if rows else k.eval_planes_whole)(*args, y, coef)
             return y.reshape(x.shape)
         view = _View(layout)
+        stream = _streams(view, 2 * x.nbytes, x.itemsize)
+        y = _empty(xv, stream)
+        args = (xv, np.asarray(mean), np.asarray(var), eps, _given(weight), _given(bias), act, stream)
         plan = self._whole_plan(view, x.nbytes, by_feature=False)
         assert plan is not None  # only planes training steps decline
         parts, threads, pooled = plan
         if pooled:
             (k.eval_rows_whole_par if rows else k.eval_planes_whole_par)(*args, parts, y, coef)
         elif threads > 1:
-            k.eval_coefficients(*args[1:-1], coef)
-            self._threads.run(lambda i, lo, hi: self._apply_range(view, xv, coef, act, lo, hi, y),
+            k.eval_coefficients(*args[1:6], coef)
+            self._threads.run(lambda i, lo, hi: self._apply_range(view, xv, coef, act, stream, lo, hi, y),
                               view.units, parts, threads)
         else:
             (k.eval_rows_whole if rows else k.eval_planes_whole)(*args, y, coef)
@@ -335,7 +370,8 @@ class CpuPath:
         plan = self._whole_plan(view, 2 * x.nbytes)
         if plan is None:
             return None
-        dx = np.empty_like(view.fold(x))
+        stream = _streams(view, 3 * x.nbytes, x.itemsize)
+        dx = _empty(view.fold(x), stream)
         coef = np.empty((5, view.features), dtype=x.dtype)  # a, b, k, dweight, dbias
         k = self._k
         fused: tuple[Any, ...] = (0, _ABSENT_X[x.dtype], _ABSENT_X[x.dtype], _ABSENT_X[x.dtype])
@@ -344,7 +380,7 @@ class CpuPath:
             fused = (k.ACT_CODES[act.kind], _vector(act.pivot, x.dtype, c), _vector(act.scale, x.dtype, c),
                      _vector(act.shift, x.dtype, c))
         args = (view.fold(x), view.fold(dy), np.asarray(saved.pivot, dtype=x.dtype), np.asarray(saved.invstd),
-                _given(saved.weight), np.asarray(saved.delta), True, *fused)
+                _given(saved.weight), np.asarray(saved.delta), True, *fused, stream)
         self._run_whole("backward", view, args, plan, dx, coef)
         return (dx.reshape(x.shape), None if saved.weight is None else coef[3],
                 coef[4] if saved.has_bias else None)
@@ -391,32 +427,27 @@ class CpuPath:
     def _train_threaded(self, view: _View, args: tuple[Any, ...], parts: int, threads: int, y: np.ndarray,
                         coef: np.ndarray) -> None:
         """``train_*_whole_par`` on Python threads (where numba's pool cannot serve)."""
-        k, xv, act = self._k, args[0], args[-1]
+        k, xv, act, stream = self._k, args[0], args[4], args[5]
         if not view.rows:
             self._threads.run(lambda i, lo, hi: k.train_planes_features(*args, lo, hi, y, coef),
                               view.features, parts, threads)
             return
         first = xv[0].astype(np.float64)
         partial = self._partial_sums((k.moments_rows, k.moments_rows64), (xv, first), view, parts, threads)
-        k.train_coefficients(partial, first, view.units, *args[1:-1], coef)
-        self._threads.run(lambda i, lo, hi: self._apply_range(view, xv, coef, act, lo, hi, y),
+        k.train_coefficients(partial, first, view.units, *args[1:4], coef)
+        self._threads.run(lambda i, lo, hi: self._apply_range(view, xv, coef, act, stream, lo, hi, y),
                           view.units, parts, threads)
 
-    def _apply_range(self, view: _View, xv: np.ndarray, coef: np.ndarray, act: int, lo: int, hi: int,
-                     y: np.ndarray) -> None:
+    def _apply_range(self, view: _View, xv: np.ndarray, coef: np.ndarray, act: int, stream: bool, lo: int,
+                     hi: int, y: np.ndarray) -> None:
         """y = act((x - coef[0]) * coef[1] + coef[2]) over units lo..hi, on this thread."""
-        k = self._k
-        if act == 0:
-            (k.affine_rows if view.rows else k.affine_planes)(xv, coef[0], coef[1], coef[2], lo, hi, y)
-        else:
-            affine = k.affine_act_rows if view.rows else k.affine_act_planes
-            affine(xv, coef[0], coef[1], coef[2], _folded_or_empty(view, None, xv.dtype), act, lo, hi, y)
+        (self._k.apply_rows_range if view.rows else self._k.apply_planes_range)(xv, coef, act, stream, lo, hi, y)
 
     def _backward_threaded(self, view: _View, args: tuple[Any, ...], parts: int, threads: int, dx: np.ndarray,
                            coef: np.ndarray) -> None:
         """``backward_*_whole_par`` on Python threads (where numba's pool cannot serve)."""
         k = self._k
-        xv, dyv, pivot, invstd, weight, delta, batch_stats, act, zp, zs, zt = args
+        xv, dyv, pivot, invstd, weight, delta, batch_stats, act, zp, zs, zt, stream = args
         if not view.rows:
             self._threads.run(lambda i, lo, hi: k.backward_planes_features(*args, lo, hi, dx, coef),
                               view.features, parts, threads)
@@ -430,15 +461,9 @@ class CpuPath:
             partial = self._partial_sums((k.grad_sums_act_rows,), (xv, dyv, p64, zp, zs, zt, none, act), view,
                                          parts, threads)
         k.backward_coefficients(partial, invstd, weight, delta, view.units, batch_stats, coef)
-        if act == 0:
-            self._threads.run(
-                lambda i, lo, hi: k.grad_input_rows(xv, dyv, pivot, coef[0], coef[1], coef[2], lo, hi, dx),
-                view.units, parts, threads)
-        else:
-            self._threads.run(
-                lambda i, lo, hi: k.grad_input_act_rows(xv, dyv, pivot, coef[0], coef[1], coef[2], zp, zs, zt, none,
-                                                        act, lo, hi, dx, none),
-                view.units, parts, threads)
+        self._threads.run(
+            lambda i, lo, hi: k.grad_input_rows_range(xv, dyv, pivot, coef, act, zp, zs, zt, stream, lo, hi, dx),
+            view.units, parts, threads)
 
     def _partial_sums(self, kernels: tuple[Callable[..., None], ...], args: tuple[Any, ...], view: _View,
                       parts: int, threads: int) -> np.ndarray:
@@ -553,6 +578,21 @@ def _start_pool(kernels: ModuleType) -> int:
     except Exception:  # no usable layer at all: Python threads serve
         return -1
     return os.getpid() if layer in ("omp", "tbb") else -1
+
+
+def _streams(view: _View, moved: int, itemsize: int) -> bool:
+    """Whether a whole step that reads and writes ``moved`` bytes in all streams its output
+    (see ``_STREAM_CACHE_BYTES``): its runs must be whole lines."""
+    return moved >= 2 * _STREAM_CACHE_BYTES and view.folded[-1] * itemsize % _LINE == 0
+
+
+def _empty(like: np.ndarray, aligned: bool) -> np.ndarray:
+    """np.empty_like(like), C-contiguous, its data 64-byte aligned where ``aligned``."""
+    if not aligned:
+        return np.empty_like(like)
+    raw = np.empty(like.nbytes + _LINE, dtype=np.uint8)
+    start = -raw.ctypes.data % _LINE
+    return raw[start:start + like.nbytes].view(like.dtype).reshape(like.shape)
 
 
 def _folded_or_empty(view: _View, a: Any, dtype: Any) -> np.ndarray:
