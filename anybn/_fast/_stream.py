@@ -1,21 +1,25 @@
-"""Streaming (non-temporal) stores for the apply passes of outputs larger than the cache.
+"""Streaming (non-temporal) stores for the apply passes of outputs too large for the cache.
 
 A plain store to a line that is not in cache first reads the line from memory (a read for
 ownership), then writes it back when it is evicted: an output that cannot stay in cache
 costs two transfers per byte written. A non-temporal store writes whole 64-byte lines
 straight to memory, one transfer, and leaves the cache to the inputs. The CPU path uses
-them where the output is at least as large as the last-level cache (see ``cpu.py``), the
-rule glibc's ``memcpy`` follows; below that, plain stores leave y in cache for whatever
-reads it next. Measured on (32, 256, 56, 56) float32 inference (98 MiB, 32 MiB L3,
-AMD EPYC): 7.3 -> 5.5 ms on one thread, 5.2 -> 3.9 ms on two (PyTorch: 6.4 and 5.1).
+them for whole steps that read and write at least twice the last-level cache (see
+``cpu.py``); below that, plain stores leave y in cache for whatever reads it next.
+Kernel against kernel on (32, 256, 56, 56) float32 inference (98 MiB; 32 MiB L3, AMD EPYC):
+7.3 -> 5.5 ms on one thread, 5.2 -> 3.9 ms on two (PyTorch: 6.4 and 5.1).
 
 numba has no vector types, so each formula is an intrinsic that emits LLVM IR for one
 64-byte vector: unaligned loads of the inputs (and of per-feature coefficients, for rows),
-the arithmetic with the same fast-math flags as the kernels (``reassoc``, ``contract``:
-the same fused multiply-adds, so the bits equal the plain loops', which tests check), and
-one aligned store marked ``!nontemporal`` (``vmovntps`` on x86). The ``*_run`` helpers
-cover a contiguous run: plain stores up to the first 64-byte boundary of the output, then
-vectors, then the rest plainly.
+the arithmetic with the kernels' fast-math flags (``reassoc``, ``contract``), and one
+aligned store marked ``!nontemporal`` (``vmovntps`` on x86). LLVM may contract and order
+the plain loops' arithmetic otherwise, so the two agree within a few roundings, not to
+the bit (``tests/test_stream.py`` bounds the difference). ``_affine_span`` and
+``_grad_span`` cover a contiguous run: plain stores up to the output's next 64-byte
+boundary, vectors, plain stores for the rest. The CPU path streams only runs of whole
+lines into 64-byte aligned outputs, so that no plain store lands in a line beside streamed
+ones (that stalled: rows of 64 float32 offset by 32 bytes ran 9x slower); the spans stay
+correct for any alignment.
 
 Formulas (``act``: 0 none, 1 ReLU; the kernels keep plain stores for other activations):
 
@@ -24,9 +28,14 @@ Formulas (``act``: 0 none, 1 ReLU; the kernels keep plain stores for other activ
   ``g = dy if (x - zp) * zs + zt > 0 else dy * 0``.
 
 Coefficients are scalars (planes: one feature per run) or 1-D arrays read at the run's
-feature offset (rows: features contiguous).
-"""
+feature offset (rows: features contiguous). The pass functions at the end (``affine_rows``
+and friends) take their flat views and addresses once per range: a reshape per row cost
+more than the row's work.
 
+numba's on-disk cache of ``_cpu_kernels`` is keyed on that file alone: after editing this
+one, delete ``__pycache__/*.nbi`` and ``*.nbc`` beside it (an installed release has fresh
+files throughout).
+"""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -35,22 +44,23 @@ from typing import Any
 import numba as nb
 from llvmlite import ir
 from numba import types
-from numba.extending import intrinsic, overload
+from numba.extending import intrinsic
 
 _LINE = 64  # bytes per vector and per cache line
 _FLAGS = ("reassoc", "contract")  # as the kernels' fastmath
 
 
-def _vector_store(inputs: int, formula: Callable[..., Any], typingctx: Any, like: Any, out: Any, i: Any,
-                  *rest: Any) -> Any:
+def _typed_store(inputs: int, formula: Callable[..., Any], vector: bool, typingctx: Any, like: Any, out: Any,
+                 i: Any, *rest: Any) -> Any:
     """The (signature, codegen) of an intrinsic ``f(like, out, i, *inputs, *coefficients, c)``
-    that stores ``formula`` of one 64-byte vector of the inputs at element ``i`` into ``out``
-    with a non-temporal store. ``like``: a scalar of the arrays' float dtype; ``out`` and the
-    inputs: addresses of C-contiguous arrays of that dtype (``out`` + i 64-byte aligned).
-    Coefficients are scalars of the dtype (broadcast) or addresses (read at element ``c``).
+    that stores ``formula`` of the inputs at element ``i`` into ``out``: one 64-byte vector
+    with a non-temporal store (``vector``; ``out`` + i 64-byte aligned), or one element with
+    a plain store. ``like``: a scalar of the arrays' float dtype; ``out`` and the inputs:
+    addresses of C-contiguous arrays of that dtype. Coefficients are scalars of the dtype
+    (broadcast) or addresses (read at element ``c``).
 
-    Addresses rather than arrays: array arguments cost reference counting on every call
-    (numba's NRT; 8.7 ms instead of ~1 ms for rows of 64 float32 over 25 MiB)."""
+    Addresses, not arrays: an array passed per row costs numba a reference-count increment
+    and decrement each (the rows backward's ten arrays made it 7x slower on one thread)."""
     if not isinstance(like, types.Float):
         return None
     for t in (out, i, *rest[:inputs], rest[-1]):
@@ -63,18 +73,20 @@ def _vector_store(inputs: int, formula: Callable[..., Any], typingctx: Any, like
     def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
         element = context.get_value_type(signature.args[0])
         size = context.get_abi_sizeof(element)
-        lanes = _LINE // size
-        vector = ir.VectorType(element, lanes)
+        lanes = _LINE // size if vector else 1
+        kind = ir.VectorType(element, lanes) if vector else element
         i, c = args[2], args[-1]
 
         def pointer(address: Any, index: Any) -> Any:
             base = builder.inttoptr(address, element.as_pointer())
-            return builder.bitcast(builder.gep(base, [index]), vector.as_pointer())
+            return builder.bitcast(builder.gep(base, [index]), kind.as_pointer())
 
         def splat(value: Any) -> Any:
-            one = builder.insert_element(ir.Constant(vector, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
+            if not vector:
+                return value
+            one = builder.insert_element(ir.Constant(kind, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
             zeros = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
-            return builder.shuffle_vector(one, ir.Constant(vector, ir.Undefined), zeros)
+            return builder.shuffle_vector(one, ir.Constant(kind, ir.Undefined), zeros)
 
         values = []
         for position, (t, v) in enumerate(zip(signature.args[3:-1], args[3:-1])):
@@ -84,19 +96,22 @@ def _vector_store(inputs: int, formula: Callable[..., Any], typingctx: Any, like
                 values.append(builder.load(pointer(v, c), align=size))
             else:
                 values.append(splat(v))
-        store = builder.store(formula(_Ops(builder, vector), *values), pointer(args[1], i), align=_LINE)
-        store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+        zero = ir.Constant(kind, [0.0] * lanes) if vector else ir.Constant(kind, 0.0)
+        result = formula(_Ops(builder, zero), *values)
+        store = builder.store(result, pointer(args[1], i), align=_LINE if vector else size)
+        if vector:
+            store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
         return context.get_dummy_value()
 
     return types.void(like, out, i, *rest), codegen
 
 
 class _Ops:
-    """Vector arithmetic in LLVM IR with the kernels' fast-math flags."""
+    """Arithmetic in LLVM IR, on vectors or scalars, with the kernels' fast-math flags."""
 
-    def __init__(self, builder: Any, vector: Any) -> None:
+    def __init__(self, builder: Any, zero: Any) -> None:
         self.b = builder
-        self.zero = ir.Constant(vector, [0.0] * vector.count)
+        self.zero = zero
 
     def sub(self, u: Any, v: Any) -> Any:
         return self.b.fsub(u, v, flags=_FLAGS)
@@ -128,97 +143,138 @@ def _grad_relu(o: _Ops, x: Any, dy: Any, p: Any, a: Any, b: Any, k: Any, zp: Any
     return _grad(o, x, o.pass_positive(_affine(o, x, zp, zs, zt), dy), p, a, b, k)
 
 
+# f(like, out, i, x, p, s, t, c) and f(like, out, i, x, dy, p, a, b, k[, zp, zs, zt], c): a
+# streamed vector (*_vector) or one element with a plain store (*_one)
+
+
 @intrinsic
 def _affine_vector(typingctx, like, out, i, x, p, s, t, c):  # type: ignore[no-untyped-def]
-    return _vector_store(1, _affine, typingctx, like, out, i, x, p, s, t, c)
+    return _typed_store(1, _affine, True, typingctx, like, out, i, x, p, s, t, c)
+
+
+@intrinsic
+def _affine_one(typingctx, like, out, i, x, p, s, t, c):  # type: ignore[no-untyped-def]
+    return _typed_store(1, _affine, False, typingctx, like, out, i, x, p, s, t, c)
 
 
 @intrinsic
 def _affine_relu_vector(typingctx, like, out, i, x, p, s, t, c):  # type: ignore[no-untyped-def]
-    return _vector_store(1, _affine_relu, typingctx, like, out, i, x, p, s, t, c)
+    return _typed_store(1, _affine_relu, True, typingctx, like, out, i, x, p, s, t, c)
+
+
+@intrinsic
+def _affine_relu_one(typingctx, like, out, i, x, p, s, t, c):  # type: ignore[no-untyped-def]
+    return _typed_store(1, _affine_relu, False, typingctx, like, out, i, x, p, s, t, c)
 
 
 @intrinsic
 def _grad_vector(typingctx, like, out, i, x, dy, p, a, b, k, c):  # type: ignore[no-untyped-def]
-    return _vector_store(2, _grad, typingctx, like, out, i, x, dy, p, a, b, k, c)
+    return _typed_store(2, _grad, True, typingctx, like, out, i, x, dy, p, a, b, k, c)
+
+
+@intrinsic
+def _grad_one(typingctx, like, out, i, x, dy, p, a, b, k, c):  # type: ignore[no-untyped-def]
+    return _typed_store(2, _grad, False, typingctx, like, out, i, x, dy, p, a, b, k, c)
 
 
 @intrinsic
 def _grad_relu_vector(typingctx, like, out, i, x, dy, p, a, b, k, zp, zs, zt, c):  # type: ignore[no-untyped-def]
-    return _vector_store(2, _grad_relu, typingctx, like, out, i, x, dy, p, a, b, k, zp, zs, zt, c)
+    return _typed_store(2, _grad_relu, True, typingctx, like, out, i, x, dy, p, a, b, k, zp, zs, zt, c)
 
 
-@nb.njit(inline="always", fastmath=set(_FLAGS), error_model="numpy", boundscheck=False)
-def _affine_span(xf, yf, i, n, p, s, t, vp, vs, vt, c, act):  # pragma: no cover - compiled
-    """yf[i:i+n] = act((xf[i:i+n] - p) * s + t): plain stores up to yf's next 64-byte
-    boundary, streaming vectors, plain stores for the rest. p, s, t: scalars, or 1-D arrays
-    read at c + j for element i + j; vp, vs, vt: the same scalars, or those arrays' addresses."""
-    like, size = yf.dtype.type(0), yf.itemsize
-    out, xa = yf.ctypes.data, xf.ctypes.data
-    head = min(n, ((_LINE - (out + i * size) % _LINE) % _LINE) // size)
-    for j in range(head):
-        yf[i + j] = _affine_scalar(xf[i + j], p, s, t, c + j, act)
-    j = head
+@intrinsic
+def _grad_relu_one(typingctx, like, out, i, x, dy, p, a, b, k, zp, zs, zt, c):  # type: ignore[no-untyped-def]
+    return _typed_store(2, _grad_relu, False, typingctx, like, out, i, x, dy, p, a, b, k, zp, zs, zt, c)
+
+
+@nb.njit(inline="always")
+def _head(out, i, n, size):  # pragma: no cover - compiled
+    """Elements from element i of the array at address out to its next 64-byte boundary, at most n."""
+    return min(n, ((_LINE - (out + i * size) % _LINE) % _LINE) // size)
+
+
+@nb.njit(inline="always")
+def _affine_span(like, size, out, x, i, n, p, s, t, c, act):  # pragma: no cover - compiled
+    """y[i:i+n] = act((x[i:i+n] - p) * s + t) for y at address out, x at address x: plain
+    stores up to y's next 64-byte boundary, streamed vectors, plain stores for the rest.
+    p, s, t: scalars, or addresses of 1-D arrays read at c + j for element i + j."""
+    head = _head(out, i, n, size)
     lanes = _LINE // size
+    j = 0
     if act == 0:
+        while j < head:
+            _affine_one(like, out, i + j, x, p, s, t, c + j)
+            j += 1
         while j + lanes <= n:
-            _affine_vector(like, out, i + j, xa, vp, vs, vt, c + j)
+            _affine_vector(like, out, i + j, x, p, s, t, c + j)
             j += lanes
+        while j < n:
+            _affine_one(like, out, i + j, x, p, s, t, c + j)
+            j += 1
     else:
+        while j < head:
+            _affine_relu_one(like, out, i + j, x, p, s, t, c + j)
+            j += 1
         while j + lanes <= n:
-            _affine_relu_vector(like, out, i + j, xa, vp, vs, vt, c + j)
+            _affine_relu_vector(like, out, i + j, x, p, s, t, c + j)
             j += lanes
-    for j in range(j, n):
-        yf[i + j] = _affine_scalar(xf[i + j], p, s, t, c + j, act)
+        while j < n:
+            _affine_relu_one(like, out, i + j, x, p, s, t, c + j)
+            j += 1
 
 
-@nb.njit(inline="always", fastmath=set(_FLAGS), error_model="numpy", boundscheck=False)
-def _grad_span(xf, gf, df, i, n, p, a, b, k, zp, zs, zt, vp, va, vb, vk, vzp, vzs, vzt, c,
-               act):  # pragma: no cover - compiled
-    """df[i:i+n] = k * (g + a * (xf - p) + b) with g = gf, or ReLU's g where act is 1, as
-    ``_affine_span`` (v*: the coefficients as the vectors take them)."""
-    like, size = df.dtype.type(0), df.itemsize
-    out, xa, ga = df.ctypes.data, xf.ctypes.data, gf.ctypes.data
-    head = min(n, ((_LINE - (out + i * size) % _LINE) % _LINE) // size)
-    for j in range(head):
-        df[i + j] = _grad_scalar(xf[i + j], gf[i + j], p, a, b, k, zp, zs, zt, c + j, act)
-    j = head
+@nb.njit(inline="always")
+def _grad_span(like, size, out, x, dy, i, n, p, a, b, k, zp, zs, zt, c, act):  # pragma: no cover - compiled
+    """dx[i:i+n] = k * (g + a * (x - p) + b), g = dy, or ReLU's where act is 1, as
+    ``_affine_span`` (zp, zs, zt: the forward's coefficients, unread without ReLU)."""
+    head = _head(out, i, n, size)
     lanes = _LINE // size
+    j = 0
     if act == 0:
+        while j < head:
+            _grad_one(like, out, i + j, x, dy, p, a, b, k, c + j)
+            j += 1
         while j + lanes <= n:
-            _grad_vector(like, out, i + j, xa, ga, vp, va, vb, vk, c + j)
+            _grad_vector(like, out, i + j, x, dy, p, a, b, k, c + j)
             j += lanes
+        while j < n:
+            _grad_one(like, out, i + j, x, dy, p, a, b, k, c + j)
+            j += 1
     else:
+        while j < head:
+            _grad_relu_one(like, out, i + j, x, dy, p, a, b, k, zp, zs, zt, c + j)
+            j += 1
         while j + lanes <= n:
-            _grad_relu_vector(like, out, i + j, xa, ga, vp, va, vb, vk, vzp, vzs, vzt, c + j)
+            _grad_relu_vector(like, out, i + j, x, dy, p, a, b, k, zp, zs, zt, c + j)
             j += lanes
-    for j in range(j, n):
-        df[i + j] = _grad_scalar(xf[i + j], gf[i + j], p, a, b, k, zp, zs, zt, c + j, act)
+        while j < n:
+            _grad_relu_one(like, out, i + j, x, dy, p, a, b, k, zp, zs, zt, c + j)
+            j += 1
 
 
-# ---- the passes' streaming forms, called once per range (a flat view costs ~15 ns per call)
+# ---- the passes' streaming forms (x, dy and the outputs C-contiguous, of one float dtype)
 
 
 @nb.njit(inline="always")
 def affine_rows(x, coef, act, lo, hi, y):  # pragma: no cover - compiled
     """y = act((x - coef[0]) * coef[1] + coef[2]) over rows lo..hi of (R, C) x, streaming."""
     features = x.shape[1]
-    xf, yf = x.reshape(-1), y.reshape(-1)
-    p, s, t = coef[0], coef[1], coef[2]
-    vp, vs, vt = p.ctypes.data, s.ctypes.data, t.ctypes.data
+    like, size = y.dtype.type(0), y.itemsize
+    out, xa = y.ctypes.data, x.ctypes.data
+    p, s, t = coef[0].ctypes.data, coef[1].ctypes.data, coef[2].ctypes.data
     for r in range(lo, hi):
-        _affine_span(xf, yf, r * features, features, p, s, t, vp, vs, vt, 0, act)
+        _affine_span(like, size, out, xa, r * features, features, p, s, t, 0, act)
 
 
 @nb.njit(inline="always")
 def affine_planes(x, coef, act, lo, hi, y):  # pragma: no cover - compiled
     """As ``affine_rows`` over planes lo..hi of (N, C, L) x."""
     features, inner = x.shape[1], x.shape[2]
-    xf, yf = x.reshape(-1), y.reshape(-1)
+    like, size = y.dtype.type(0), y.itemsize
+    out, xa = y.ctypes.data, x.ctypes.data
     for u in range(lo, hi):
         c = u % features
-        p, s, t = coef[0, c], coef[1, c], coef[2, c]
-        _affine_span(xf, yf, u * inner, inner, p, s, t, p, s, t, 0, act)
+        _affine_span(like, size, out, xa, u * inner, inner, coef[0, c], coef[1, c], coef[2, c], 0, act)
 
 
 @nb.njit(inline="always")
@@ -226,50 +282,23 @@ def grad_rows(x, dy, pivot, coef, act, zp, zs, zt, lo, hi, dx):  # pragma: no co
     """dx = k * (g + a * (x - pivot) + b) over rows lo..hi, (a, b, k) = coef[:3], g = dy or
     ReLU's (act 1, z = (x - zp) * zs + zt), streaming."""
     features = x.shape[1]
-    xf, gf, df = x.reshape(-1), dy.reshape(-1), dx.reshape(-1)
-    a, b, k = coef[0], coef[1], coef[2]
-    vp, va, vb, vk = pivot.ctypes.data, a.ctypes.data, b.ctypes.data, k.ctypes.data
-    vzp, vzs, vzt = zp.ctypes.data, zs.ctypes.data, zt.ctypes.data
+    like, size = dx.dtype.type(0), dx.itemsize
+    out, xa, ga = dx.ctypes.data, x.ctypes.data, dy.ctypes.data
+    p, a, b, k = pivot.ctypes.data, coef[0].ctypes.data, coef[1].ctypes.data, coef[2].ctypes.data
+    zpa, zsa, zta = zp.ctypes.data, zs.ctypes.data, zt.ctypes.data
     for r in range(lo, hi):
-        _grad_span(xf, gf, df, r * features, features, pivot, a, b, k, zp, zs, zt, vp, va, vb, vk, vzp, vzs, vzt,
-                   0, act)
+        _grad_span(like, size, out, xa, ga, r * features, features, p, a, b, k, zpa, zsa, zta, 0, act)
 
 
 @nb.njit(inline="always")
 def grad_planes(x, dy, pivot, coef, act, zp, zs, zt, lo, hi, dx):  # pragma: no cover - compiled
     """As ``grad_rows`` over planes lo..hi of (N, C, L) x."""
     features, inner = x.shape[1], x.shape[2]
-    xf, gf, df = x.reshape(-1), dy.reshape(-1), dx.reshape(-1)
+    like, size = dx.dtype.type(0), dx.itemsize
+    out, xa, ga = dx.ctypes.data, x.ctypes.data, dy.ctypes.data
     for u in range(lo, hi):
         c = u % features
-        p, a, b, k = pivot[c], coef[0, c], coef[1, c], coef[2, c]
+        p = pivot[c]
         zpc, zsc, ztc = (zp[c], zs[c], zt[c]) if act else (p, p, p)  # unread without ReLU
-        _grad_span(xf, gf, df, u * inner, inner, p, a, b, k, zpc, zsc, ztc, p, a, b, k, zpc, zsc, ztc, 0, act)
-
-
-def _at(v: Any, c: int) -> Any:
-    """Coefficient v for element c of a run: v[c] of an array, v itself of a scalar (compiled only)."""
-    raise NotImplementedError
-
-
-@overload(_at, inline="always")
-def _at_overload(v, c):  # type: ignore[no-untyped-def]  # numba compares the signatures
-    if isinstance(v, types.Array):
-        return lambda v, c: v[c]
-    return lambda v, c: v
-
-
-@nb.njit(inline="always", fastmath=set(_FLAGS), error_model="numpy", boundscheck=False)
-def _affine_scalar(x, p, s, t, c, act):  # pragma: no cover - compiled
-    z = (x - _at(p, c)) * _at(s, c) + _at(t, c)
-    if act == 1:
-        return z if z > 0 else z * 0
-    return z
-
-
-@nb.njit(inline="always", fastmath=set(_FLAGS), error_model="numpy", boundscheck=False)
-def _grad_scalar(x, dy, p, a, b, k, zp, zs, zt, c, act):  # pragma: no cover - compiled
-    g = dy
-    if act == 1:
-        g = dy if (x - _at(zp, c)) * _at(zs, c) + _at(zt, c) > 0 else dy * 0
-    return _at(k, c) * (g + _at(a, c) * (x - _at(p, c)) + _at(b, c))
+        _grad_span(like, size, out, xa, ga, u * inner, inner, p, coef[0, c], coef[1, c], coef[2, c], zpc, zsc,
+                   ztc, 0, act)

@@ -17,6 +17,9 @@ turn, so that the apply reads x (and dy) from cache rather than memory. The stag
 the variants (residual, renormalization, ghost, synchronized) and the cases the whole steps
 decline.
 
+A whole step that reads and writes at least twice the last-level cache writes its output
+with streaming stores (``_stream``), into an output aligned to 64 bytes.
+
 Apart from y (or dx), every allocation is O(C). Work is split into contiguous ranges of
 rows, planes or groups of features, a few per thread, run on numba's own thread pool
 (``prange``, on the OpenMP or TBB threading layer), whose workers answer in microseconds;
