@@ -52,21 +52,22 @@ _FLAGS = ("reassoc", "contract")  # as the kernels' fastmath
 
 def _typed_store(inputs: int, formula: Callable[..., Any], vector: bool, typingctx: Any, like: Any, out: Any,
                  i: Any, *rest: Any) -> Any:
-    """The (signature, codegen) of an intrinsic ``f(like, out, i, *inputs, *coefficients, c)``
+    """The (signature, codegen) of an intrinsic ``f(like, out, i, *inputs, *coefficients, c, act)``
     that stores ``formula`` of the inputs at element ``i`` into ``out``: one 64-byte vector
     with a non-temporal store (``vector``; ``out`` + i 64-byte aligned), or one element with
     a plain store. ``like``: a scalar of the arrays' float dtype; ``out`` and the inputs:
     addresses of C-contiguous arrays of that dtype. Coefficients are scalars of the dtype
-    (broadcast) or addresses (read at element ``c``).
+    (broadcast) or addresses (read at element ``c``). ``act``: 0 none, 1 ReLU, chosen per
+    call by a select (the ReLU's coefficients must be readable either way).
 
     Addresses, not arrays: an array passed per row costs numba a reference-count increment
     and decrement each (the rows backward's ten arrays made it 7x slower on one thread)."""
     if not isinstance(like, types.Float):
         return None
-    for t in (out, i, *rest[:inputs], rest[-1]):
+    for t in (out, i, *rest[:inputs], *rest[-2:]):
         if not isinstance(t, types.Integer):
             return None
-    for t in rest[inputs:-1]:
+    for t in rest[inputs:-2]:
         if t != like and not isinstance(t, types.Integer):
             return None
 
@@ -75,7 +76,8 @@ def _typed_store(inputs: int, formula: Callable[..., Any], vector: bool, typingc
         size = context.get_abi_sizeof(element)
         lanes = _LINE // size if vector else 1
         kind = ir.VectorType(element, lanes) if vector else element
-        i, c = args[2], args[-1]
+        i, c = args[2], args[-2]
+        relu = builder.icmp_signed("!=", args[-1], ir.Constant(args[-1].type, 0))
 
         def pointer(address: Any, index: Any) -> Any:
             base = builder.inttoptr(address, element.as_pointer())
@@ -89,7 +91,7 @@ def _typed_store(inputs: int, formula: Callable[..., Any], vector: bool, typingc
             return builder.shuffle_vector(one, ir.Constant(kind, ir.Undefined), zeros)
 
         values = []
-        for position, (t, v) in enumerate(zip(signature.args[3:-1], args[3:-1])):
+        for position, (t, v) in enumerate(zip(signature.args[3:-2], args[3:-2])):
             if position < inputs:
                 values.append(builder.load(pointer(v, i), align=size))
             elif isinstance(t, types.Integer):
@@ -97,7 +99,7 @@ def _typed_store(inputs: int, formula: Callable[..., Any], vector: bool, typingc
             else:
                 values.append(splat(v))
         zero = ir.Constant(kind, [0.0] * lanes) if vector else ir.Constant(kind, 0.0)
-        result = formula(_Ops(builder, zero), *values)
+        result = formula(_Ops(builder, zero, relu), *values)
         store = builder.store(result, pointer(args[1], i), align=_LINE if vector else size)
         if vector:
             store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
@@ -109,9 +111,10 @@ def _typed_store(inputs: int, formula: Callable[..., Any], vector: bool, typingc
 class _Ops:
     """Arithmetic in LLVM IR, on vectors or scalars, with the kernels' fast-math flags."""
 
-    def __init__(self, builder: Any, zero: Any) -> None:
+    def __init__(self, builder: Any, zero: Any, relu: Any) -> None:
         self.b = builder
         self.zero = zero
+        self.relu = relu  # an i1: whether the ReLU applies
 
     def sub(self, u: Any, v: Any) -> Any:
         return self.b.fsub(u, v, flags=_FLAGS)
@@ -122,69 +125,49 @@ class _Ops:
     def add(self, u: Any, v: Any) -> Any:
         return self.b.fadd(u, v, flags=_FLAGS)
 
-    def pass_positive(self, z: Any, value: Any) -> Any:
-        """value where z > 0, else value * 0 (NaN stays NaN): ``_act`` / ``_act_grad`` of ReLU."""
-        return self.b.select(self.b.fcmp_ordered(">", z, self.zero, flags=_FLAGS), value, self.mul(value, self.zero))
+    def relu_pass(self, z: Any, value: Any) -> Any:
+        """With the ReLU, value where z > 0, else value * 0 (NaN stays NaN), as ``_act`` and
+        ``_act_grad``; without, value."""
+        passed = self.b.select(self.b.fcmp_ordered(">", z, self.zero, flags=_FLAGS), value, self.mul(value, self.zero))
+        return self.b.select(self.relu, passed, value)
 
 
 def _affine(o: _Ops, x: Any, p: Any, s: Any, t: Any) -> Any:
     return o.add(o.mul(o.sub(x, p), s), t)
 
 
-def _grad(o: _Ops, x: Any, dy: Any, p: Any, a: Any, b: Any, k: Any) -> Any:
-    return o.mul(k, o.add(o.add(dy, o.mul(a, o.sub(x, p))), b))
+def _affine_act(o: _Ops, x: Any, p: Any, s: Any, t: Any) -> Any:
+    z = _affine(o, x, p, s, t)
+    return o.relu_pass(z, z)
 
 
-def _affine_relu(o: _Ops, x: Any, p: Any, s: Any, t: Any) -> Any:
-    return o.pass_positive(_affine(o, x, p, s, t), _affine(o, x, p, s, t))
+def _grad_act(o: _Ops, x: Any, dy: Any, p: Any, a: Any, b: Any, k: Any, zp: Any, zs: Any, zt: Any) -> Any:
+    g = o.relu_pass(_affine(o, x, zp, zs, zt), dy)
+    return o.mul(k, o.add(o.add(g, o.mul(a, o.sub(x, p))), b))
 
 
-def _grad_relu(o: _Ops, x: Any, dy: Any, p: Any, a: Any, b: Any, k: Any, zp: Any, zs: Any, zt: Any) -> Any:
-    return _grad(o, x, o.pass_positive(_affine(o, x, zp, zs, zt), dy), p, a, b, k)
-
-
-# f(like, out, i, x, p, s, t, c) and f(like, out, i, x, dy, p, a, b, k[, zp, zs, zt], c): a
-# streamed vector (*_vector) or one element with a plain store (*_one)
-
-
-@intrinsic
-def _affine_vector(typingctx, like, out, i, x, p, s, t, c):  # type: ignore[no-untyped-def]
-    return _typed_store(1, _affine, True, typingctx, like, out, i, x, p, s, t, c)
+# f(like, out, i, x, p, s, t, c, act) and f(like, out, i, x, dy, p, a, b, k, zp, zs, zt, c, act):
+# a streamed vector (*_vector) or one element with a plain store (*_one)
 
 
 @intrinsic
-def _affine_one(typingctx, like, out, i, x, p, s, t, c):  # type: ignore[no-untyped-def]
-    return _typed_store(1, _affine, False, typingctx, like, out, i, x, p, s, t, c)
+def _affine_vector(typingctx, like, out, i, x, p, s, t, c, act):  # type: ignore[no-untyped-def]
+    return _typed_store(1, _affine_act, True, typingctx, like, out, i, x, p, s, t, c, act)
 
 
 @intrinsic
-def _affine_relu_vector(typingctx, like, out, i, x, p, s, t, c):  # type: ignore[no-untyped-def]
-    return _typed_store(1, _affine_relu, True, typingctx, like, out, i, x, p, s, t, c)
+def _affine_one(typingctx, like, out, i, x, p, s, t, c, act):  # type: ignore[no-untyped-def]
+    return _typed_store(1, _affine_act, False, typingctx, like, out, i, x, p, s, t, c, act)
 
 
 @intrinsic
-def _affine_relu_one(typingctx, like, out, i, x, p, s, t, c):  # type: ignore[no-untyped-def]
-    return _typed_store(1, _affine_relu, False, typingctx, like, out, i, x, p, s, t, c)
+def _grad_vector(typingctx, like, out, i, x, dy, p, a, b, k, zp, zs, zt, c, act):  # type: ignore[no-untyped-def]
+    return _typed_store(2, _grad_act, True, typingctx, like, out, i, x, dy, p, a, b, k, zp, zs, zt, c, act)
 
 
 @intrinsic
-def _grad_vector(typingctx, like, out, i, x, dy, p, a, b, k, c):  # type: ignore[no-untyped-def]
-    return _typed_store(2, _grad, True, typingctx, like, out, i, x, dy, p, a, b, k, c)
-
-
-@intrinsic
-def _grad_one(typingctx, like, out, i, x, dy, p, a, b, k, c):  # type: ignore[no-untyped-def]
-    return _typed_store(2, _grad, False, typingctx, like, out, i, x, dy, p, a, b, k, c)
-
-
-@intrinsic
-def _grad_relu_vector(typingctx, like, out, i, x, dy, p, a, b, k, zp, zs, zt, c):  # type: ignore[no-untyped-def]
-    return _typed_store(2, _grad_relu, True, typingctx, like, out, i, x, dy, p, a, b, k, zp, zs, zt, c)
-
-
-@intrinsic
-def _grad_relu_one(typingctx, like, out, i, x, dy, p, a, b, k, zp, zs, zt, c):  # type: ignore[no-untyped-def]
-    return _typed_store(2, _grad_relu, False, typingctx, like, out, i, x, dy, p, a, b, k, zp, zs, zt, c)
+def _grad_one(typingctx, like, out, i, x, dy, p, a, b, k, zp, zs, zt, c, act):  # type: ignore[no-untyped-def]
+    return _typed_store(2, _grad_act, False, typingctx, like, out, i, x, dy, p, a, b, k, zp, zs, zt, c, act)
 
 
 @nb.njit(inline="always")
@@ -201,55 +184,33 @@ def _affine_span(like, size, out, x, i, n, p, s, t, c, act):  # pragma: no cover
     head = _head(out, i, n, size)
     lanes = _LINE // size
     j = 0
-    if act == 0:
-        while j < head:
-            _affine_one(like, out, i + j, x, p, s, t, c + j)
-            j += 1
-        while j + lanes <= n:
-            _affine_vector(like, out, i + j, x, p, s, t, c + j)
-            j += lanes
-        while j < n:
-            _affine_one(like, out, i + j, x, p, s, t, c + j)
-            j += 1
-    else:
-        while j < head:
-            _affine_relu_one(like, out, i + j, x, p, s, t, c + j)
-            j += 1
-        while j + lanes <= n:
-            _affine_relu_vector(like, out, i + j, x, p, s, t, c + j)
-            j += lanes
-        while j < n:
-            _affine_relu_one(like, out, i + j, x, p, s, t, c + j)
-            j += 1
+    while j < head:
+        _affine_one(like, out, i + j, x, p, s, t, c + j, act)
+        j += 1
+    while j + lanes <= n:
+        _affine_vector(like, out, i + j, x, p, s, t, c + j, act)
+        j += lanes
+    while j < n:
+        _affine_one(like, out, i + j, x, p, s, t, c + j, act)
+        j += 1
 
 
 @nb.njit(inline="always")
 def _grad_span(like, size, out, x, dy, i, n, p, a, b, k, zp, zs, zt, c, act):  # pragma: no cover - compiled
     """dx[i:i+n] = k * (g + a * (x - p) + b), g = dy, or ReLU's where act is 1, as
-    ``_affine_span`` (zp, zs, zt: the forward's coefficients, unread without ReLU)."""
+    ``_affine_span`` (zp, zs, zt: the forward's coefficients; read, and unused, without ReLU)."""
     head = _head(out, i, n, size)
     lanes = _LINE // size
     j = 0
-    if act == 0:
-        while j < head:
-            _grad_one(like, out, i + j, x, dy, p, a, b, k, c + j)
-            j += 1
-        while j + lanes <= n:
-            _grad_vector(like, out, i + j, x, dy, p, a, b, k, c + j)
-            j += lanes
-        while j < n:
-            _grad_one(like, out, i + j, x, dy, p, a, b, k, c + j)
-            j += 1
-    else:
-        while j < head:
-            _grad_relu_one(like, out, i + j, x, dy, p, a, b, k, zp, zs, zt, c + j)
-            j += 1
-        while j + lanes <= n:
-            _grad_relu_vector(like, out, i + j, x, dy, p, a, b, k, zp, zs, zt, c + j)
-            j += lanes
-        while j < n:
-            _grad_relu_one(like, out, i + j, x, dy, p, a, b, k, zp, zs, zt, c + j)
-            j += 1
+    while j < head:
+        _grad_one(like, out, i + j, x, dy, p, a, b, k, zp, zs, zt, c + j, act)
+        j += 1
+    while j + lanes <= n:
+        _grad_vector(like, out, i + j, x, dy, p, a, b, k, zp, zs, zt, c + j, act)
+        j += lanes
+    while j < n:
+        _grad_one(like, out, i + j, x, dy, p, a, b, k, zp, zs, zt, c + j, act)
+        j += 1
 
 
 # ---- the passes' streaming forms (x, dy and the outputs C-contiguous, of one float dtype)
@@ -285,7 +246,7 @@ def grad_rows(x, dy, pivot, coef, act, zp, zs, zt, lo, hi, dx):  # pragma: no co
     like, size = dx.dtype.type(0), dx.itemsize
     out, xa, ga = dx.ctypes.data, x.ctypes.data, dy.ctypes.data
     p, a, b, k = pivot.ctypes.data, coef[0].ctypes.data, coef[1].ctypes.data, coef[2].ctypes.data
-    zpa, zsa, zta = zp.ctypes.data, zs.ctypes.data, zt.ctypes.data
+    zpa, zsa, zta = (zp.ctypes.data, zs.ctypes.data, zt.ctypes.data) if act else (p, a, b)  # readable stand-ins
     for r in range(lo, hi):
         _grad_span(like, size, out, xa, ga, r * features, features, p, a, b, k, zpa, zsa, zta, 0, act)
 
@@ -299,6 +260,6 @@ def grad_planes(x, dy, pivot, coef, act, zp, zs, zt, lo, hi, dx):  # pragma: no 
     for u in range(lo, hi):
         c = u % features
         p = pivot[c]
-        zpc, zsc, ztc = (zp[c], zs[c], zt[c]) if act else (p, p, p)  # unread without ReLU
+        zpc, zsc, ztc = (zp[c], zs[c], zt[c]) if act else (p, p, p)  # unused without ReLU
         _grad_span(like, size, out, xa, ga, u * inner, inner, p, coef[0, c], coef[1, c], coef[2, c], zpc, zsc,
                    ztc, 0, act)
