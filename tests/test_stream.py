@@ -274,3 +274,26 @@ def test_the_path_streams_where_told_and_agrees_with_plain_stores(monkeypatch, s
         tol = 8 * ulp * max(float(np.max(np.abs(want))), 1.0)
         far = np.abs(z) > 8 * ulp * max(float(np.max(np.abs(z))), 1.0) if (what == "dx" and activation) else True
         assert np.all(np.abs(got - want)[far] <= tol), what
+
+
+@pytest.mark.parametrize("act", [0, 1])
+def test_streamed_nan_and_inf_land_where_plain_stores_put_them(act):
+    """NaN stays NaN through the ReLU's select (``z * 0``, as ``_act``), inf stays inf or
+    becomes NaN as in the plain loops."""
+    x, dy, w, b = _data((4, 3, 64), np.float32)
+    x[0, 1, 5], x[2, 0, 17], x[3, 2, 63] = np.nan, np.inf, -np.inf
+    dy[1, 1, 3] = np.nan
+    coef = np.array([[0.5] * 3, [2.0] * 3, [-0.25] * 3], np.float32)
+    outs = []
+    for stream in (True, False):
+        y = _empty(x.shape, np.float32, False)
+        _k().apply_planes_range(x, coef, act, stream, 0, 12, y)
+        dx = _empty(x.shape, np.float32, False)
+        _k().grad_input_rows_range(x.reshape(12, 64), dy.reshape(12, 64), np.full(64, 0.5, np.float32),
+                                   np.ones((5, 64), np.float32), act, *(np.full(64, 0.5, np.float32),) * 3, stream,
+                                   0, 12, dx.reshape(12, 64))
+        outs.append((y, dx))
+    for streamed, plain in zip(*outs):
+        np.testing.assert_array_equal(np.isnan(streamed), np.isnan(plain))
+        np.testing.assert_array_equal(np.isinf(streamed), np.isinf(plain))
+        assert np.isnan(streamed).any()

@@ -61,7 +61,7 @@ def _typed_store(inputs: int, formula: Callable[..., Any], vector: bool, typingc
     call by a select (the ReLU's coefficients must be readable either way).
 
     Addresses, not arrays: an array passed per row costs numba a reference-count increment
-    and decrement each (the rows backward's ten arrays made it 7x slower on one thread)."""
+    and decrement each (the rows backward with ten arrays per row ran 5x slower on one thread)."""
     if not isinstance(like, types.Float):
         return None
     for t in (out, i, *rest[:inputs], *rest[-2:]):
