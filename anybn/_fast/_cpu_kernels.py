@@ -51,12 +51,19 @@ _BLOCK = 16
 # loop (16 MiB float32, one thread: 0.61 -> 0.51 ms at C = 1024, 0.58 -> 0.43 at 2048; no
 # gain at 256, a loss at 128, where four short rows per sweep vectorize worse).
 _WIDE = 512
+# ... and for rows of at most this many bytes: there a sweep over C is a vector or two, and
+# the loop's own overhead dominates (float32 moments / backward sums / ReLU backward sums,
+# one thread: C = 16 1.73 / 2.42 / 4.07 -> 1.14 / 2.09 / 2.86 ms, C = 32 1.13 / 1.61 / 3.07
+# -> 0.86 / 1.51 / 2.41 ms). Rows of 256 to 512 bytes ran up to 2.3x slower that way
+# (float32 C = 64 to 128, float64 C = 32), hence bytes, not features.
+_NARROW_BYTES = 128
 
 
 @_kernel
 def moments_rows(x, pivot, lo, hi, s1, s2):  # pragma: no cover - compiled
     """s1[c] += sum(x[r, c] - pivot[c]), s2[c] += sum((x[r, c] - pivot[c])**2) over rows lo..hi."""
     features = x.shape[1]
+    narrow = features * x.itemsize <= _NARROW_BYTES
     p = pivot.astype(x.dtype)  # the pivot is a sample of x: exact in x's dtype
     a1 = np.zeros(features, dtype=x.dtype)
     a2 = np.zeros(features, dtype=x.dtype)
@@ -64,7 +71,7 @@ def moments_rows(x, pivot, lo, hi, s1, s2):  # pragma: no cover - compiled
     while r < hi:
         end = min(r + _BLOCK, hi)
         rr = r
-        if features >= _WIDE:  # four rows per sweep: a quarter of the loads and stores of a1, a2
+        if features >= _WIDE or narrow:  # four rows per sweep: a quarter of the loads and stores of a1, a2
             while rr + 4 <= end:
                 for c in range(features):
                     d0 = x[rr, c] - p[c]
@@ -162,6 +169,7 @@ def grad_sums_rows(x, dy, pivot, lo, hi, sum_dy, sum_dy_d):  # pragma: no cover 
     ``moments_rows``.
     """
     features = x.shape[1]
+    narrow = features * x.itemsize <= _NARROW_BYTES
     p = pivot.astype(x.dtype)  # the forward's pivot: a value of x's dtype
     a1 = np.zeros(features, dtype=x.dtype)
     a2 = np.zeros(features, dtype=x.dtype)
@@ -169,7 +177,7 @@ def grad_sums_rows(x, dy, pivot, lo, hi, sum_dy, sum_dy_d):  # pragma: no cover 
     while r < hi:
         end = min(r + _BLOCK, hi)
         rr = r
-        if features >= _WIDE:  # four rows per sweep, as in moments_rows
+        if features >= _WIDE or narrow:  # four rows per sweep, as in moments_rows
             while rr + 4 <= end:
                 for c in range(features):
                     g0 = dy[rr, c]
@@ -335,6 +343,7 @@ def grad_sums_act_rows(x, dy, pivot, zp, zs, zt, res, act, lo, hi, sum_dy, sum_d
     """As ``grad_sums_rows`` with dy' = dy * act'(z), z = (x - zp) * zs + zt (+ res); summed in
     x's dtype over blocks of ``_BLOCK`` rows, flushed to float64, as there."""
     features = x.shape[1]
+    narrow = features * x.itemsize <= _NARROW_BYTES
     p = pivot.astype(x.dtype)  # the forward's pivot: a value of x's dtype
     a1 = np.zeros(features, dtype=x.dtype)
     a2 = np.zeros(features, dtype=x.dtype)
@@ -346,7 +355,7 @@ def grad_sums_act_rows(x, dy, pivot, zp, zs, zt, res, act, lo, hi, sum_dy, sum_d
         end = min(r + _BLOCK, hi)
         if relu:  # BN + ReLU, the common case: one loop over C, the mask a select (vectorized)
             rr = r
-            if features >= _WIDE:  # four rows per sweep, as in moments_rows
+            if features >= _WIDE or narrow:  # four rows per sweep, as in moments_rows
                 while rr + 4 <= end:
                     for c in range(features):
                         zpc, zsc, ztc, pc = zp[c], zs[c], zt[c], p[c]
