@@ -287,7 +287,6 @@ def test_saved_state_keeps_nothing_the_size_of_x(shape, axis):
         assert getattr(saved, name).shape == (shape[axis],), name
 
 
-
 def test_generic_path_blas_sums_ignore_the_invalid_flag():
     """The generic path's BLAS sums run with NumPy's invalid flag ignored: OpenBLAS can raise
     it on finite inputs (numpy/numpy#24067; once here, in CI, in a (12, 5) @ (5,) float32

@@ -589,84 +589,42 @@ def train_planes_features(x, eps, weight, bias, act, stream, lo, hi, y, coef):  
     ``stream``: the apply writes y with streaming stores (``_stream``; act 0 or 1).
 
     Within each sample the group's planes are one contiguous run, read in order (feature by
-    feature, each plane's prefetch stream restarts: 1.7x slower measured). coef (6, C) as in
-    _train_coefficient; the sums are those of ``moments_planes``; y = act(BN(x)).
+    feature, each plane's prefetch stream restarts: 1.7x slower measured): the passes are
+    ``moments_planes`` and ``_apply_planes`` over planes n * C + lo .. n * C + hi. coef
+    (6, C) as in _train_coefficient; y = act(BN(x)).
     """
     planes, features, inner = x.shape[0], x.shape[1], x.shape[2]
-    count = planes * inner
-    s1 = np.zeros(hi - lo)
-    s2 = np.zeros(hi - lo)
-    for n in range(planes):
-        for c in range(lo, hi):
-            first = np.float64(x[0, c, 0])
-            a1 = 0.0
-            a2 = 0.0
-            for i in range(inner):
-                d = np.float64(x[n, c, i]) - first
-                a1 += d
-                a2 += d * d
-            s1[c - lo] += a1
-            s2[c - lo] += a2
+    first = np.zeros(features)  # read at lo..hi only
     for c in range(lo, hi):
-        _train_coefficient(s1[c - lo], s2[c - lo], np.float64(x[0, c, 0]), count, eps, weight, bias, c, coef)
+        first[c] = x[0, c, 0]
+    s1 = np.zeros(features)
+    s2 = np.zeros(features)
     for n in range(planes):
-        if stream and act < 2:
-            streaming.affine_planes(x, coef, act, n * features + lo, n * features + hi, y)
-            continue
-        for c in range(lo, hi):
-            pc, sc, tc = coef[0, c], coef[1, c], coef[2, c]
-            if act == 0:  # one loop per case: a branch inside would keep it scalar
-                for i in range(inner):
-                    y[n, c, i] = (x[n, c, i] - pc) * sc + tc
-            else:
-                for i in range(inner):
-                    y[n, c, i] = _act((x[n, c, i] - pc) * sc + tc, act)
+        moments_planes(x, first, n * features + lo, n * features + hi, s1, s2)
+    for c in range(lo, hi):
+        _train_coefficient(s1[c], s2[c], first[c], planes * inner, eps, weight, bias, c, coef)
+    for n in range(planes):
+        _apply_planes(x, coef, act, stream, n * features + lo, n * features + hi, y)
 
 
 @_kernel
 def backward_planes_features(x, dy, pivot, invstd, weight, delta, batch_stats, act, zp, zs, zt, stream, lo, hi,
                              dx, coef):  # pragma: no cover - compiled
-    """Backward of (N, C, L) for the group of features lo..hi, as ``train_planes_features``:
-    coef (5, C) as in _backward_coefficient; the sums are those of ``grad_sums_planes``
-    (``grad_sums_act_planes`` with an activation: dy' = dy * act'(z)); ``stream`` as there."""
+    """Backward of (N, C, L) for the group of features lo..hi, as ``train_planes_features``,
+    with the passes ``grad_sums_planes`` (``grad_sums_act_planes`` with an activation:
+    dy' = dy * act'(z)) and ``_grad_input_planes_any``; coef (5, C) as in
+    _backward_coefficient; ``stream`` as there."""
     planes, features, inner = x.shape[0], x.shape[1], x.shape[2]
-    count = planes * inner
-    s1 = np.zeros(hi - lo)
-    s2 = np.zeros(hi - lo)
+    p64 = pivot.astype(np.float64)
+    s1 = np.zeros(features)
+    s2 = np.zeros(features)
     for n in range(planes):
-        for c in range(lo, hi):
-            shift = np.float64(pivot[c])
-            a1 = 0.0
-            a2 = 0.0
-            if act == 0:
-                for i in range(inner):
-                    g = np.float64(dy[n, c, i])
-                    a1 += g
-                    a2 += g * (np.float64(x[n, c, i]) - shift)
-            else:
-                zpc, zsc, ztc = zp[c], zs[c], zt[c]
-                for i in range(inner):
-                    g = np.float64(_act_grad(dy[n, c, i], (x[n, c, i] - zpc) * zsc + ztc, act))
-                    a1 += g
-                    a2 += g * (np.float64(x[n, c, i]) - shift)
-            s1[c - lo] += a1
-            s2[c - lo] += a2
+        _grad_sums_planes_any(x, dy, p64, act, zp, zs, zt, n * features + lo, n * features + hi, s1, s2)
     for c in range(lo, hi):
-        _backward_coefficient(s1[c - lo], s2[c - lo], invstd, weight, delta, count, batch_stats, c, coef)
+        _backward_coefficient(s1[c], s2[c], invstd, weight, delta, planes * inner, batch_stats, c, coef)
     for n in range(planes):
-        if stream and act < 2:
-            streaming.grad_planes(x, dy, pivot, coef, act, zp, zs, zt, n * features + lo, n * features + hi, dx)
-            continue
-        for c in range(lo, hi):
-            pc, ac, bc, kc = pivot[c], coef[0, c], coef[1, c], coef[2, c]
-            if act == 0:
-                for i in range(inner):
-                    dx[n, c, i] = kc * (dy[n, c, i] + ac * (x[n, c, i] - pc) + bc)
-            else:
-                zpc, zsc, ztc = zp[c], zs[c], zt[c]
-                for i in range(inner):
-                    g = _act_grad(dy[n, c, i], (x[n, c, i] - zpc) * zsc + ztc, act)
-                    dx[n, c, i] = kc * (g + ac * (x[n, c, i] - pc) + bc)
+        _grad_input_planes_any(x, dy, pivot, coef, act, zp, zs, zt, stream, n * features + lo, n * features + hi,
+                               dx)
 
 
 @nb.njit(nogil=True, cache=True)
@@ -720,6 +678,25 @@ def _apply_planes(x, coef, act, stream, lo, hi, y):  # pragma: no cover - compil
         affine_planes(x, coef[0], coef[1], coef[2], lo, hi, y)
     else:
         affine_act_planes(x, coef[0], coef[1], coef[2], np.empty((0, 0, 0), dtype=x.dtype), act, lo, hi, y)
+
+
+@nb.njit(inline="always")
+def _grad_sums_planes_any(x, dy, p64, act, zp, zs, zt, lo, hi, s1, s2):  # pragma: no cover - compiled
+    if act == 0:
+        grad_sums_planes(x, dy, p64, lo, hi, s1, s2)
+    else:
+        grad_sums_act_planes(x, dy, p64, zp, zs, zt, np.empty((0, 0, 0), dtype=x.dtype), act, lo, hi, s1, s2)
+
+
+@nb.njit(inline="always")
+def _grad_input_planes_any(x, dy, pivot, coef, act, zp, zs, zt, stream, lo, hi, dx):  # pragma: no cover - compiled
+    if stream and act < 2:
+        streaming.grad_planes(x, dy, pivot, coef, act, zp, zs, zt, lo, hi, dx)
+    elif act == 0:
+        grad_input_planes(x, dy, pivot, coef[0], coef[1], coef[2], lo, hi, dx)
+    else:
+        none = np.empty((0, 0, 0), dtype=x.dtype)
+        grad_input_act_planes(x, dy, pivot, coef[0], coef[1], coef[2], zp, zs, zt, none, act, lo, hi, dx, none)
 
 
 @nb.njit(inline="always")
