@@ -47,11 +47,13 @@ a planted error: every one failed tests (see the commit message).
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any, NamedTuple
@@ -618,6 +620,51 @@ def test_cuda_path_glue_under_the_simulator(monkeypatch, shape, axis):
     assert np.array_equal(np.asarray(dres).reshape(tuple(fold)), g)
 
 
+@in_simulator
+def test_cuda_path_loads_its_kernels_after_a_probe_compile(monkeypatch):
+    from anybn._fast import cuda as glue
+
+    monkeypatch.setattr(cuda, "is_available", lambda: True)
+    K.probe()  # compiles, runs and checks the probe kernel (raises otherwise)
+    path = glue.CudaPath()
+    assert path._load() is K
+    assert path._launcher is None  # no direct launches under the simulator: numba's dispatch
+
+
+def test_kernel_params_follow_numbas_array_abi():
+    # numba-cuda's _Kernel._prepare_args: meminfo, parent, nitems, itemsize, data, shape, strides
+    a = SimpleNamespace(size=24, itemsize=4, data=SimpleNamespace(ptr=0x1000), shape=(2, 3, 4), strides=(48, 16, 4))
+    params = K.kernel_params((a, 5))
+    assert params[:11] == [0, 0, 24, 4, 0x1000, 2, 3, 4, 48, 16, 4]
+    assert isinstance(params[11], ctypes.c_int64) and params[11].value == 5 and len(params) == 12
+
+
+def test_launch_path_argument_validated():
+    from anybn._fast.cuda import CudaPath
+
+    with pytest.raises(ValueError, match=r"launch must be 'direct' or 'numba', got 'fast'"):
+        CudaPath(launch="fast")
+
+
+@in_simulator
+def test_cuda_path_declines_with_a_warning_where_numba_cuda_cannot_compile(monkeypatch):
+    # numba-cuda 0.30.4 on NumPy 2.5 finds the GPU, then fails on its first kernel (seen on
+    # an H200): the path must decline, say why once, and let the generic CuPy path serve
+    from anybn._fast import cuda as glue
+
+    def broken() -> None:
+        raise AttributeError("module 'numpy' has no attribute 'row_stack'")
+
+    monkeypatch.setattr(cuda, "is_available", lambda: True)
+    monkeypatch.setattr(K, "probe", broken)
+    path = glue.CudaPath()
+    with pytest.warns(RuntimeWarning, match=r"cannot compile kernels here \(AttributeError: .*row_stack"):
+        assert path._load() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert path._load() is None  # decided once: no second probe, no second warning
+
+
 # ------------------------------------------------------------------ the real CUDA target
 
 _LOWER = r"""
@@ -654,6 +701,26 @@ for dt in (types.float16, types.float32, types.float64):
 compile_cuda(K._merge_kernel().py_func, types.void, (arr(f64, 3), arr(f64, 2)), cc=(9, 0))
 print("lowered")
 """
+
+
+_SIGNATURE = r"""
+import numpy as np
+from numba.cuda.typing.typeof import Purpose, typeof
+from anybn._fast import _cuda_kernels as K
+
+args = (np.empty(5, np.float16), np.empty(5, np.float32), np.empty(3), np.empty((2, 3, 4)), np.empty((2, 3)),
+        7, 2**40)
+want = tuple(typeof(a, Purpose.argument) for a in args)
+assert K.signature(args) == want, (K.signature(args), want)
+print("same")
+"""
+
+
+@in_simulator
+def test_direct_launch_signature_is_what_numba_types_the_arguments_as():
+    # the direct launcher compiles for these types; numba's dispatch would type the same
+    # arguments so (checked without the simulator, whose typeof differs)
+    _run_python(_SIGNATURE, internal_api=True)
 
 
 @in_simulator

@@ -21,7 +21,8 @@ next section runs), all under one time budget (``--budget`` seconds, default 420
    end to end where ``anybn._fast`` selects the cuda path.
 4. ``memory``: CuPy's pool holds nothing the size of x beyond the caller's arrays after
    each step.
-5. ``pytest``: ``python -m pytest -x -q -k cupy`` (the CuPy test subset), with the time left.
+5. ``pytest``: ``python -m pytest -q -k cupy`` (the CuPy test subset), with the time left; the
+   whole log in ``pytest_cupy.txt``.
 
 Writes ``gpu_check.json`` (after every section, so a killed run keeps what it had) and
 ``gpu_check.png`` to ``--out``. ``--plot-only results.json`` redraws the plot from a JSON.
@@ -48,6 +49,15 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+# numba-cuda 0.30.4 (the newest on the package index, 2026-11) registers an overload of
+# np.row_stack, which NumPy 2.5 removed: its compiler then fails on the first kernel (seen on
+# the H200 image: numpy 2.5.2). anybn itself declines the GPU path there with a warning
+# (CudaPath._load); to measure the kernels anyway, this check puts the alias back, in its
+# own process and, through a sitecustomize, in the pytest child. Recorded in the JSON.
+ROW_STACK_SHIM = not hasattr(np, "row_stack")
+SHIM_DIR = Path("/tmp/anybn-row-stack-shim")
+if ROW_STACK_SHIM:
+    np.row_stack = np.vstack  # type: ignore[attr-defined]
 sys.path.insert(0, str(ROOT))
 
 MIB = 1 << 20
@@ -122,7 +132,37 @@ def section_env() -> dict[str, Any]:
     from numba import cuda
 
     info["numba_cuda_available"] = cuda.is_available()
+    info["numpy_row_stack_shim"] = ROW_STACK_SHIM
+    if ROW_STACK_SHIM:
+        info["without_shim"] = _fallback_without_shim()
     return info
+
+
+_FALLBACK = """
+import warnings, cupy as cp, numpy as np, anybn
+x = cp.random.default_rng(0).standard_normal((64, 64, 8, 8), dtype=cp.float32)  # 1 MiB
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    y, _ = anybn.batch_norm_train(x, axis=1)
+x64 = cp.asnumpy(x).astype(np.float64)
+m, v = x64.mean(axis=(0, 2, 3), keepdims=True), x64.var(axis=(0, 2, 3), keepdims=True)
+err = float(np.abs(cp.asnumpy(y) - (x64 - m) / np.sqrt(v + 1e-5)).max())
+print(repr({"warnings": [str(w.message)[:300] for w in caught], "max_abs_err": err}))
+"""
+
+
+def _fallback_without_shim() -> dict[str, Any]:
+    """anybn on a CuPy array in a process without the shim: what the user gets."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                                                        if p and p != str(SHIM_DIR)])
+    proc = subprocess.run([sys.executable, "-c", _FALLBACK], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    if proc.returncode:
+        return {"rc": proc.returncode, "stderr": proc.stderr[-1500:]}
+    import ast
+
+    return ast.literal_eval(proc.stdout.strip().splitlines()[-1])
 
 
 # ------------------------------------------------------------------ 2. kernels
@@ -147,7 +187,7 @@ def layout_of(shape: tuple[int, ...], axis: int) -> Any:
     axis %= len(shape)
     outer, inner = int(np.prod(shape[:axis])), int(np.prod(shape[axis + 1:]))
     try:
-        from anybn._namespace import Layout
+        from anybn._layout import Layout
 
         return Layout(tuple(shape), axis, outer, shape[axis], inner)
     except Exception:  # noqa: BLE001 - the Layout under refactoring: its attributes suffice
@@ -171,6 +211,8 @@ KERNEL_SHAPES = [
     ("NCL-short", (4097, 3, 3), 1),
 ]
 ACTIVATION_CASES = [(None, False), (None, True), ("relu", True), ("sigmoid", True)]
+LARGE_SHAPE = (64, 64, 64, 64)  # 64 MiB of float32: the mean/std = 1e4 and repeatability checks
+MEMORY_CASES = [("NCHW 64MiB", (64, 256, 32, 32), 1), ("NHWC 64MiB", (64, 32, 32, 256), -1)]
 
 
 def section_kernels(budget: Budget) -> dict[str, Any]:
@@ -195,11 +237,12 @@ def section_kernels(budget: Budget) -> dict[str, Any]:
             break
         case = f"{name}-{np.dtype(dtype).name}-{activation}-{'res' if residual else 'nores'}"
         check(case, lambda: _check_all_kernels(cp, t, path, shape, axis, dtype, activation, residual))
-    check("float32 mean/std=1e4, 64 MiB NCHW", lambda: _check_large_offset(cp, path, (64, 64, 64, 64), 1))
-    check("float32 mean/std=1e4, 64 MiB NHWC", lambda: _check_large_offset(cp, path, (64, 64, 64, 64), -1))
+    check("float32 mean/std=1e4, 64 MiB NCHW", lambda: _check_large_offset(cp, path, LARGE_SHAPE, 1))
+    check("float32 mean/std=1e4, 64 MiB NHWC", lambda: _check_large_offset(cp, path, LARGE_SHAPE, -1))
     check("reductions bitwise repeatable", lambda: _check_deterministic(cp, path))
     failed = [c for c in checks if not c["ok"]]
-    return {"passed": len(checks) - len(failed), "failed": len(failed), "checks": checks}
+    return {"launcher": type(path._launcher).__name__ if path._launcher is not None else "numba dispatch",
+            "passed": len(checks) - len(failed), "failed": len(failed), "checks": checks}
 
 
 def _check_all_kernels(cp: ModuleType, t: ModuleType, path: Any, shape: tuple[int, ...], axis: int,
@@ -289,7 +332,7 @@ def _check_large_offset(cp: ModuleType, path: Any, shape: tuple[int, ...], axis:
 
 
 def _check_deterministic(cp: ModuleType, path: Any) -> None:
-    shape = (64, 64, 64, 64)
+    shape = LARGE_SHAPE
     gx = cp.random.default_rng(6).standard_normal(shape, dtype=cp.float32)
     for axis in (1, -1):
         layout = layout_of(shape, axis)
@@ -314,7 +357,7 @@ def timing_cases() -> list[tuple[str, tuple[int, ...], int, Any]]:
     for c, hw in RESNET50_BN:
         cases.append((f"R50 NCHW C{c} {hw}x{hw}", (32, c, hw, hw), 1, np.float32))
         cases.append((f"R50 NHWC C{c} {hw}x{hw}", (32, hw, hw, c), -1, np.float32))
-    for kib in (64, 256, 1024, 4096):  # the _MIN_BYTES crossover
+    for kib in (64, 256, 1024, 4096, 16384):  # the _MIN_BYTES crossover
         n = kib * 1024 // 4 // 64
         cases.append((f"small NCHW f32 {kib}KiB", (n // 16, 64, 4, 4), 1, np.float32))
     return cases
@@ -397,7 +440,7 @@ def section_timing(budget: Budget) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     cases = timing_cases()
     for done, (name, shape, axis, dtype) in enumerate(cases):
-        if budget.left() < 100:  # leave time for memory and pytest
+        if budget.left() < 150:  # leave time for memory and pytest
             rows.append({"case": f"{len(cases) - done} cases not timed", "error": "time budget"})
             break
         row: dict[str, Any] = {"case": name, "shape": list(shape), "axis": axis,
@@ -454,27 +497,56 @@ def _time_case(cp: ModuleType, torch: Any, F: Any, path: Any, row: dict[str, Any
     row.update(_end_to_end(cp, x, dy, axis))
 
 
+CROSSOVER_BYTES = 16 * MIB  # up to this size of x, end to end also on each path forced
+
+
 def _end_to_end(cp: ModuleType, x: Any, dy: Any, axis: int) -> dict[str, Any]:
-    """``anybn.batch_norm_train`` / ``_backward`` / ``_eval`` timed where they exist, and the
-    fast path ``anybn._fast`` selects for them."""
+    """``anybn.batch_norm_train`` / ``_backward`` / ``_eval`` timed as a user calls them, and
+    the fast path ``anybn._fast`` selects for them.
+
+    For x of at most ``CROSSOVER_BYTES`` the same calls are timed again on each path forced:
+    ``generic`` (``ANYBN_FAST_PATHS=0``: CuPy's own kernels through the array-API code) and
+    ``fast`` (``anybn._fast.cuda._MIN_BYTES = 0``: the numba-cuda kernels at any size), which
+    gives the size from which the fast path should serve.
+    """
     result: dict[str, Any] = {}
     try:
         import array_api_compat
 
         import anybn
         from anybn import _fast
+        from anybn._fast import cuda as cuda_path
 
         xp = array_api_compat.array_namespace(x)
         chosen = _fast.select("train", xp, x)
         result["e2e_path"] = getattr(chosen, "name", None) or "generic"
         c = x.shape[axis]
         w, b = cp.ones(c, dtype=x.dtype), cp.zeros(c, dtype=x.dtype)
-        y, saved = anybn.batch_norm_train(x, w, b, axis=axis)
-        result["e2e_train"] = gpu_time(cp, lambda: anybn.batch_norm_train(x, w, b, axis=axis))
-        result["e2e_backward"] = gpu_time(cp, lambda: anybn.batch_norm_backward(dy, saved))
         mean, var = cp.zeros(c, dtype=x.dtype), cp.ones(c, dtype=x.dtype)
-        result["e2e_eval"] = gpu_time(cp, lambda: anybn.batch_norm_eval(x, mean, var, w, b, axis=axis))
-    except Exception as exc:  # noqa: BLE001 - the wiring is being built by others
+
+        def timed(prefix: str) -> None:
+            y, saved = anybn.batch_norm_train(x, w, b, axis=axis)
+            result[f"{prefix}_train"] = gpu_time(cp, lambda: anybn.batch_norm_train(x, w, b, axis=axis))
+            result[f"{prefix}_backward"] = gpu_time(cp, lambda: anybn.batch_norm_backward(dy, saved))
+            result[f"{prefix}_eval"] = gpu_time(cp, lambda: anybn.batch_norm_eval(x, mean, var, w, b, axis=axis))
+
+        timed("e2e")
+        if x.nbytes <= CROSSOVER_BYTES:
+            saved_env, saved_min = os.environ.get("ANYBN_FAST_PATHS"), cuda_path._MIN_BYTES
+            try:
+                os.environ["ANYBN_FAST_PATHS"] = "0"
+                timed("generic")
+                os.environ.pop("ANYBN_FAST_PATHS")
+                cuda_path._MIN_BYTES = 0
+                result["forced_path"] = getattr(_fast.select("train", xp, x), "name", None) or "generic"
+                timed("fast")
+            finally:
+                cuda_path._MIN_BYTES = saved_min
+                if saved_env is None:
+                    os.environ.pop("ANYBN_FAST_PATHS", None)
+                else:
+                    os.environ["ANYBN_FAST_PATHS"] = saved_env
+    except Exception as exc:  # noqa: BLE001 - recorded, the next case runs
         result["e2e_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
     return result
 
@@ -489,7 +561,7 @@ def section_memory() -> dict[str, Any]:
     path = _cuda_path()
     pool = cp.get_default_memory_pool()
     results = []
-    for name, shape, axis in (("NCHW 64MiB", (64, 256, 32, 32), 1), ("NHWC 64MiB", (64, 32, 32, 256), -1)):
+    for name, shape, axis in MEMORY_CASES:
         x = cp.random.default_rng(0).standard_normal(shape, dtype=cp.float32)
         dy = cp.random.default_rng(1).standard_normal(shape, dtype=cp.float32)
         steps = AnybnSteps(cp, path, x, layout_of(shape, axis))
@@ -515,15 +587,25 @@ def section_memory() -> dict[str, Any]:
 # ------------------------------------------------------------------ 5. pytest
 
 
-def section_pytest(budget: Budget) -> dict[str, Any]:
+def section_pytest(budget: Budget, out: Path) -> dict[str, Any]:
+    """The test suite's CuPy cases (``-k cupy``), all of them (no ``-x``); the whole log is
+    written to ``pytest_cupy.txt`` beside the JSON."""
     timeout = max(30.0, budget.left() - 15)
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-k", "cupy", "-p", "no:cacheprovider"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rfE", "--maxfail=60", "-k", "cupy", "-p", "no:cacheprovider"]
+    log = out / "pytest_cupy.txt"
+    env = dict(os.environ)
+    if ROW_STACK_SHIM:
+        SHIM_DIR.mkdir(parents=True, exist_ok=True)
+        (SHIM_DIR / "sitecustomize.py").write_text(
+            "import numpy as np\nif not hasattr(np, 'row_stack'):\n    np.row_stack = np.vstack\n")
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SHIM_DIR), env.get("PYTHONPATH", "")]))
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
-        tail = (exc.stdout or b"")[-3000:]
-        return {"rc": None, "timed_out_after_s": round(timeout), "tail": tail.decode(errors="replace")
-                if isinstance(tail, bytes) else tail}
+        text = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        log.write_text(text)
+        return {"rc": None, "timed_out_after_s": round(timeout), "tail": text[-3000:]}
+    log.write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
     summary = (proc.stdout.strip().splitlines() or [""])[-1]
     if proc.returncode:
         raise AssertionError(f"pytest -k cupy failed (rc {proc.returncode}): {summary}\n{proc.stdout[-3000:]}")
@@ -613,7 +695,7 @@ def main(argv: list[str] | None = None) -> int:
         ("kernels", lambda: section_kernels(budget)),
         ("timing", lambda: section_timing(budget)),
         ("memory", section_memory),
-        ("pytest", lambda: section_pytest(budget)),
+        ("pytest", lambda: section_pytest(budget, args.out)),
     ]
     for name, fn in plan:
         if name not in wanted:

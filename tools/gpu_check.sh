@@ -1,10 +1,18 @@
 #!/usr/bin/env bash
-# The prepared GPU check in one command: install the carried wheels (array-api-compat),
-# then run tools/gpu_check.py, which writes gpu_check.json and gpu_check.png to $OUT.
+# The prepared GPU check in one command: install the carried wheels (array-api-compat, from
+# .whl/ as the device tool's README lays them out, or wheels/), then run tools/gpu_check.py,
+# which writes gpu_check.json, gpu_check.png and pytest_cupy.txt to $OUT.
 #   tools/gpu_check.sh [--budget SECONDS] [--sections env,kernels,timing,memory,pytest]
+# Here, once:  python3 -m pip download --no-deps --only-binary=:all: -d .whl array-api-compat
 set -u
 cd "$(dirname "$0")/.."
-if compgen -G "wheels/*.whl" > /dev/null; then
-    pip install --no-deps -q wheels/*.whl
-fi
-exec python tools/gpu_check.py --out "${OUT:-gpu_check_out}" "$@"
+PY=$(command -v python3 || command -v python)
+for dir in .whl wheels; do
+    if compgen -G "$dir/*.whl" > /dev/null; then
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target /tmp/anybn-site "$dir"/*.whl || exit 1
+        export PYTHONPATH="/tmp/anybn-site${PYTHONPATH:+:$PYTHONPATH}"
+    fi
+done
+export PYTHONUNBUFFERED=1
+exec "$PY" tools/gpu_check.py --out "${OUT:-gpu_check_out}" "$@"

@@ -29,6 +29,7 @@ in float32 for float16/float32 inputs and in float64 for float64, ``x - pivot`` 
 
 from __future__ import annotations
 
+import ctypes
 import math
 from collections.abc import Callable
 from functools import lru_cache
@@ -148,7 +149,7 @@ class _Fold(NamedTuple):
 
 
 def moments(x3: Any, pivot: Any, out: Any, *, config: LaunchConfig | None = None, stream: Any = 0,
-            empty: Callable[..., Any] | None = None) -> None:
+            empty: Callable[..., Any] | None = None, launcher: Launcher | None = None) -> None:
     """Shifted per-feature sums: ``out[0, c] = sum(x - pivot[c])``, ``out[1, c] = sum((x - pivot[c])**2)``.
 
     Parameters
@@ -163,14 +164,17 @@ def moments(x3: Any, pivot: Any, out: Any, *, config: LaunchConfig | None = None
     empty : callable (shape, dtype) -> device array, optional
         Allocates the (2, chunks, C) float64 partial sums; cuda.py passes ``cupy.empty`` so
         they come from CuPy's pool. Defaults to ``numba.cuda.device_array``.
+    launcher : Launcher, optional
+        How kernels are launched: numba's dispatch by default; ``DirectLauncher`` for CuPy
+        arrays (then ``stream`` is its ``stream(ptr)``).
     """
-    _reduce("moments", x3, None, None, pivot, pivot, pivot, pivot, out, None, config, stream, empty)
+    _reduce("moments", x3, None, None, pivot, pivot, pivot, pivot, out, None, config, stream, empty, launcher)
 
 
 def grad_sums(x3: Any, dy3: Any, pivot: Any, out: Any, activation: str | None = None, scale: Any = None,
               shift: Any = None, residual3: Any = None, *, z_pivot: Any = None,
               config: LaunchConfig | None = None, stream: Any = 0,
-              empty: Callable[..., Any] | None = None) -> None:
+              empty: Callable[..., Any] | None = None, launcher: Launcher | None = None) -> None:
     """Backward sums: ``out[0, c] = sum(dy')``, ``out[1, c] = sum(dy' * (x - pivot[c]))``.
 
     ``dy' = dy * act'(z)``, ``z = (x - z_pivot) * scale + shift [+ residual]`` recomputed
@@ -187,16 +191,17 @@ def grad_sums(x3: Any, dy3: Any, pivot: Any, out: Any, activation: str | None = 
     scale, shift : device arrays, shape (C,), float64; required with an activation
     residual3 : device array like x3, optional
     z_pivot : device array, shape (C,), float64, optional
-    config, stream, empty : as for ``moments``
+    config, stream, empty, launcher : as for ``moments``
     """
     act = _activation("grad_sums", activation, scale, shift)
     zp = pivot if z_pivot is None or not act else z_pivot
     _reduce("grad", x3, dy3, residual3 if act else None, pivot, zp, scale if act else pivot,
-            shift if act else pivot, out, activation, config, stream, empty)
+            shift if act else pivot, out, activation, config, stream, empty, launcher)
 
 
 def apply(x3: Any, pivot: Any, scale: Any, shift: Any, y3: Any, activation: str | None = None,
-          residual3: Any = None, *, config: LaunchConfig | None = None, stream: Any = 0) -> None:
+          residual3: Any = None, *, config: LaunchConfig | None = None, stream: Any = 0,
+          launcher: Launcher | None = None) -> None:
     """``y = act((x - pivot) * scale + shift [+ residual])`` per feature, in y's dtype.
 
     Parameters
@@ -206,16 +211,16 @@ def apply(x3: Any, pivot: Any, scale: Any, shift: Any, y3: Any, activation: str 
     y3 : device array like x3, written
     activation : None, "relu" or "sigmoid"
     residual3 : device array like x3, optional
-    config, stream : as for ``moments``
+    config, stream, launcher : as for ``moments``
     """
     _activation("apply", activation, scale, shift)
-    _map("apply", x3, None, residual3, (pivot, scale, shift), y3, None, activation, config, stream)
+    _map("apply", x3, None, residual3, (pivot, scale, shift), y3, None, activation, config, stream, launcher)
 
 
 def grad_apply(x3: Any, dy3: Any, pivot: Any, a: Any, b: Any, k: Any, dx3: Any,
                activation: str | None = None, scale: Any = None, shift: Any = None,
                residual3: Any = None, dres3: Any = None, *, z_pivot: Any = None,
-               config: LaunchConfig | None = None, stream: Any = 0) -> None:
+               config: LaunchConfig | None = None, stream: Any = 0, launcher: Launcher | None = None) -> None:
     """``dx = k * (dy' + a * (x - pivot) + b)`` per feature; ``dres = dy'`` when dres3 is given.
 
     Parameters
@@ -225,12 +230,12 @@ def grad_apply(x3: Any, dy3: Any, pivot: Any, a: Any, b: Any, k: Any, dx3: Any,
     dx3 : device array like x3, written
     activation, scale, shift, residual3, z_pivot : as for ``grad_sums``
     dres3 : device array like x3, optional, written
-    config, stream : as for ``moments``
+    config, stream, launcher : as for ``moments``
     """
     act = _activation("grad_apply", activation, scale, shift)
     zp = pivot if z_pivot is None or not act else z_pivot
     coefs = (pivot, a, b, k, scale if act else pivot, shift if act else pivot, zp)
-    _map("grad", x3, dy3, residual3 if act else None, coefs, dx3, dres3, activation, config, stream)
+    _map("grad", x3, dy3, residual3 if act else None, coefs, dx3, dres3, activation, config, stream, launcher)
 
 
 def _activation(fn: str, activation: str | None, scale: Any, shift: Any) -> int:
@@ -243,7 +248,7 @@ def _activation(fn: str, activation: str | None, scale: Any, shift: Any) -> int:
 
 def _reduce(op: str, x3: Any, dy3: Any, r3: Any, pivot: Any, z_pivot: Any, scale: Any, shift: Any, out: Any,
             activation: str | None, config: LaunchConfig | None, stream: Any,
-            empty: Callable[..., Any] | None) -> None:
+            empty: Callable[..., Any] | None, launcher: Launcher | None) -> None:
     outer, features, inner = x3.shape
     if features == 0:
         return
@@ -252,14 +257,15 @@ def _reduce(op: str, x3: Any, dy3: Any, r3: Any, pivot: Any, z_pivot: Any, scale
     xf = _flat(x3)
     kernel = _reduce_kernel(op, _compute_type(x3.dtype), _ACT[activation], r3 is not None,
                             config.threads)
-    kernel[config.grid, config.block, stream](
-        xf, _flat(dy3, xf), _flat(r3, xf), pivot, z_pivot, scale, shift, features, inner, outer * inner,
-        partial)
-    _merge_kernel()[config.merge_grid, config.merge_block, stream](partial, out)
+    launch = launcher or _dispatch
+    launch(kernel, config.grid, config.block, stream,
+           (xf, _flat(dy3, xf), _flat(r3, xf), pivot, z_pivot, scale, shift, features, inner, outer * inner,
+            partial))
+    launch(_merge_kernel(), config.merge_grid, config.merge_block, stream, (partial, out))
 
 
 def _map(op: str, x3: Any, dy3: Any, r3: Any, coefs: tuple[Any, ...], o3: Any, o23: Any,
-         activation: str | None, config: LaunchConfig | None, stream: Any) -> None:
+         activation: str | None, config: LaunchConfig | None, stream: Any, launcher: Launcher | None) -> None:
     outer, features, inner = x3.shape
     if features == 0 or outer * inner == 0:
         return
@@ -268,8 +274,90 @@ def _map(op: str, x3: Any, dy3: Any, r3: Any, coefs: tuple[Any, ...], o3: Any, o
     xf, of = _flat(x3), _flat(o3)
     kernel = _map_kernel(op, _compute_type(x3.dtype), _ACT[activation], r3 is not None,
                          o23 is not None)
-    kernel[config.grid, config.block, stream](
-        xf, _flat(dy3, xf), _flat(r3, xf), *coefs, features, inner, outer * inner, of, _flat(o23, xf))
+    (launcher or _dispatch)(kernel, config.grid, config.block, stream,
+                            (xf, _flat(dy3, xf), _flat(r3, xf), *coefs, features, inner, outer * inner, of,
+                             _flat(o23, xf)))
+
+
+# ------------------------------------------------------------------ launching
+
+#: ``launcher(kernel, grid, block, stream, args)``: launch a ``cuda.jit`` kernel.
+Launcher = Callable[[Any, tuple[int, ...], tuple[int, ...], Any, tuple[Any, ...]], None]
+
+
+def _dispatch(kernel: Any, grid: tuple[int, ...], block: tuple[int, ...], stream: Any,
+              args: tuple[Any, ...]) -> None:
+    """numba's own launch: types the arguments, compiles on first use, marshals each array."""
+    kernel[grid, block, stream](*args)
+
+
+class DirectLauncher:
+    """Launches the kernels on CuPy arrays without numba's per-call argument handling.
+
+    Through numba's dispatch, each array argument is first wrapped (``cuda.as_cuda_array``:
+    a driver query of the pointer, a ``DeviceNDArray``), then typed and marshalled at each
+    launch; on an H200 every anybn step took about 1 ms that way whatever the input size
+    (``tools/gpu_check.py``), host time, where PyTorch's took 0.1 ms on 64 MiB. This
+    launcher compiles each kernel once per argument types through numba
+    (``dispatcher.compile``), then passes the kernel parameters straight from the CuPy
+    arrays with ``cuda.core.launch``, in numba's kernel ABI (``kernel_params``). That ABI is
+    numba-cuda's own (``numba.cuda.dispatcher._Kernel._prepare_args``), not a public
+    promise: ``cuda.py`` launches ``probe_kernel`` through this launcher and checks its
+    result before using it, and ``tools/gpu_profile.py`` compares every kernel's results
+    with numba's dispatch bit for bit.
+
+    Only C-contiguous CuPy arrays and Python ints are passed (what ``_reduce`` and ``_map``
+    pass when ``CudaPath`` calls them).
+    """
+
+    def __init__(self) -> None:
+        from numba.cuda import config
+
+        if getattr(config, "ENABLE_CUDASIM", False):
+            raise RuntimeError("DirectLauncher: numba-cuda's simulator has no kernels to launch directly")
+        from cuda.core import LaunchConfig, Stream, launch  # numba-cuda's own dependency
+
+        self._launch, self._config, self._stream_type = launch, LaunchConfig, Stream
+        self._kernels: dict[tuple[Any, ...], Any] = {}
+        self._streams: dict[int, Any] = {}
+
+    def stream(self, ptr: int) -> Any:
+        """The cuda.core stream for a CUDA stream handle (0: the legacy default stream)."""
+        s = self._streams.get(ptr)
+        if s is None:
+            s = self._streams[ptr] = self._stream_type.from_handle(ptr)
+        return s
+
+    def __call__(self, kernel: Any, grid: tuple[int, ...], block: tuple[int, ...], stream: Any,
+                 args: tuple[Any, ...]) -> None:
+        key = (kernel, *("i" if isinstance(a, int) else (a.dtype.char, a.ndim) for a in args))
+        compiled = self._kernels.get(key)
+        if compiled is None:
+            compiled = kernel.compile(signature(args))
+            compiled.bind()  # loads the module into the current context, runs its set-up once
+            compiled = self._kernels[key] = compiled._codelibrary.get_cufunc().kernel
+        self._launch(stream, self._config(grid=grid, block=block), compiled, *kernel_params(args))
+
+
+def signature(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """numba's argument types for ``args``: C-contiguous arrays and Python ints (int64)."""
+    from numba.cuda.np.numpy_support import from_dtype
+
+    return tuple(types.int64 if isinstance(a, int)  # type: ignore[attr-defined]
+                 else types.Array(from_dtype(a.dtype), a.ndim, "C") for a in args)  # type: ignore[attr-defined]
+
+
+def kernel_params(args: tuple[Any, ...]) -> list[Any]:
+    """The kernel parameters of ``args`` in numba's ABI (``_Kernel._prepare_args``): an array
+    as ``meminfo, parent`` (null), ``nitems, itemsize, data``, its shape, its byte strides; an
+    int as a C int64. Arrays need ``size, itemsize, data.ptr, shape, strides`` (CuPy's)."""
+    params: list[Any] = []
+    for a in args:
+        if isinstance(a, int):
+            params.append(ctypes.c_int64(a))
+        else:
+            params += (0, 0, a.size, a.itemsize, a.data.ptr, *a.shape, *a.strides)
+    return params
 
 
 def _flat(a: Any, default: Any = None) -> Any:
@@ -550,3 +638,36 @@ def _merge_kernel() -> Any:
             out[k, c] = sh[tx]
 
     return kernel
+
+
+@lru_cache(maxsize=None)
+def probe_kernel() -> Any:
+    """Kernel ``(a, n)``: ``a[i] = 10 n + a.size + i``; ``probe`` and ``cuda.py`` check it."""
+
+    @cuda.jit
+    def kernel(a, n):  # pragma: no cover - compiled
+        i = cuda.grid(1)
+        if i < a.size:
+            a[i] = n * 10 + a.size + i
+
+    return kernel
+
+
+def probe_expected(size: int, n: int) -> Any:
+    """What ``probe_kernel`` writes into a float64 array of ``size``."""
+    return np.arange(size, dtype=np.float64) + (10 * n + size)
+
+
+def probe() -> None:
+    """Compile and run a tiny kernel through numba now; raise if that fails or errs.
+
+    ``numba.cuda.is_available()`` only finds a driver and a device: the compiler may still
+    fail on its first kernel (numba-cuda 0.30.4 on NumPy 2.5 raises ``AttributeError:
+    module 'numpy' has no attribute 'row_stack'`` while loading its typing registries, seen
+    on an H200). ``CudaPath`` calls this once, before it serves anything.
+    """
+    a = cuda.device_array(37, np.float64)
+    probe_kernel()[1, 64](a, 7)
+    got = a.copy_to_host()
+    if not np.array_equal(got, probe_expected(37, 7)):
+        raise RuntimeError(f"probe kernel wrote {got[:4]}..., expected {probe_expected(37, 7)[:4]}...")

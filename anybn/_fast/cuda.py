@@ -19,6 +19,7 @@ path serves, never when anybn is imported.
 
 from __future__ import annotations
 
+import warnings
 from types import ModuleType
 from typing import Any
 
@@ -29,11 +30,17 @@ from .._moments import GradSums, Sums
 
 __all__ = ["CudaKernels", "CudaPath"]
 
-# Below this many bytes of x the generic CuPy path serves: a numba launch costs tens of
-# microseconds of host time (argument wrapping, dispatch), more than CuPy's own kernels
-# take on small arrays. PLACEHOLDER until measured: must come from a GPU measurement
-# (tools/gpu_check.py times both paths across sizes and reports the crossover).
-_MIN_BYTES = 1 << 20
+# Up to this many bytes of x the generic CuPy path serves. Measured on an H200
+# (tools/gpu_check.py, docs/benchmarks.md "On a GPU"): through numba's dispatch each step
+# took about 1 ms whatever the size, host time (not profiled yet; the lead is the per-launch
+# argument handling that DirectLauncher skips), and the
+# generic CuPy path was faster at every size timed, 64 KiB to 16 MiB (training forward
+# 0.49-0.95 against 1.13-2.01 ms, backward 0.31-0.64 against 1.04-1.89, inference 0.21-0.38
+# against 0.53-0.95, 15 sizes and layouts, each a median of 20). Above 16 MiB
+# the generic path was not timed; the fast path keeps its memory bound there (nothing the
+# size of x beyond the result, measured). To be measured again with the direct launcher
+# (tools/gpu_profile.py), which should move the crossover far down.
+_MIN_BYTES = 16 << 20
 
 _DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 _STEPS = ("train", "eval", "backward")
@@ -44,9 +51,17 @@ class CudaPath:
 
     name = "cuda-numba"
 
-    def __init__(self) -> None:
+    def __init__(self, launch: str = "numba") -> None:
+        """``launch``: ``"numba"`` (numba's own dispatch: run and checked on an H200) or
+        ``"direct"`` (``_cuda_kernels.DirectLauncher``: far less host time per launch, not yet
+        run on a GPU; it launches a probe kernel first and falls back to numba's dispatch
+        unless the probe's result is right; ``tools/gpu_profile.py`` checks it)."""
+        if launch not in ("direct", "numba"):
+            raise ValueError(f"CudaPath: launch must be 'direct' or 'numba', got {launch!r}")
+        self.launch = launch
         self._kernels: ModuleType | None = None
         self._unavailable = False
+        self._launcher: Any = None
         self._sm_counts: dict[int, int] = {}
 
     # ------------------------------------------------------------------ selection
@@ -56,7 +71,7 @@ class CudaPath:
         if step not in _STEPS or not array_api_compat.is_cupy_namespace(xp):
             return False
         x = arrays[0]
-        if x.dtype not in _DTYPES or x.nbytes < _MIN_BYTES:
+        if x.dtype not in _DTYPES or x.nbytes <= _MIN_BYTES:
             return False
         for a in arrays:
             if not array_api_compat.is_cupy_array(a) or a.dtype != x.dtype or a.shape != x.shape:
@@ -66,6 +81,12 @@ class CudaPath:
         return self._load() is not None
 
     def _load(self) -> ModuleType | None:
+        """The kernels module, or None where numba-cuda, a GPU or its compiler is missing.
+
+        Decided once per path: a missing numba-cuda or driver declines silently (the generic
+        CuPy path serves); a GPU whose compiler fails on a probe kernel declines with a
+        ``RuntimeWarning`` naming the error, since that is a broken install, not a choice.
+        """
         if self._kernels is None and not self._unavailable:
             try:
                 from numba import cuda
@@ -75,7 +96,18 @@ class CudaPath:
             except Exception:  # numba-cuda missing or no driver: the generic CuPy path serves
                 available = False
             if available:
+                try:
+                    _cuda_kernels.probe()
+                except Exception as exc:  # noqa: BLE001 - any compiler failure means: do not serve
+                    warnings.warn(
+                        f"anybn: numba-cuda finds a GPU but cannot compile kernels here "
+                        f"({type(exc).__name__}: {exc}); CuPy arrays take the generic path",
+                        RuntimeWarning, stacklevel=2)
+                    available = False
+            if available:
                 self._kernels = _cuda_kernels
+                if self.launch == "direct":
+                    self._launcher = _direct_launcher(_cuda_kernels)
             else:
                 self._unavailable = True
         return self._kernels
@@ -104,10 +136,11 @@ class CudaPath:
             ``s2 = sum((x - pivot)**2)`` over the ``outer * inner`` values of each feature.
         """
         cp, launch = self._launch(x, layout)
+        dev = self._dev
         x3 = _fold(x, layout)
         pivot = x3[0, :, 0].astype(cp.float64)
         out = cp.empty((2, layout.features), dtype=cp.float64)
-        self._k.moments(_dev(x3), _dev(pivot), _dev(out), **launch, empty=_empty)
+        self._k.moments(dev(x3), dev(pivot), dev(out), **launch, empty=self._empty)
         return pivot, out[0], out[1]
 
     def apply(self, x: Any, layout: Any, pivot: Any, scale: Any, shift: Any, *,
@@ -127,9 +160,10 @@ class CudaPath:
         y : cupy.ndarray, same shape and dtype as x
         """
         cp, launch = self._launch(x, layout)
+        dev = self._dev
         y = cp.empty_like(x)
-        self._k.apply(_dev(_fold(x, layout)), *_devs(pivot, scale, shift), _dev(_fold(y, layout)),
-                      activation, _dev(_fold(residual, layout)), **launch)
+        self._k.apply(dev(_fold(x, layout)), dev(pivot), dev(scale), dev(shift), dev(_fold(y, layout)),
+                      activation, dev(_fold(residual, layout)), **launch)
         return y
 
     def grad_sums(self, x: Any, dy: Any, layout: Any, pivot: Any, *, activation: str | None = None,
@@ -151,10 +185,11 @@ class CudaPath:
         sum_dy, sum_dy_d : cupy.ndarray, shape (C,), float64
         """
         cp, launch = self._launch(x, layout)
+        dev = self._dev
         out = cp.empty((2, layout.features), dtype=cp.float64)
-        self._k.grad_sums(_dev(_fold(x, layout)), _dev(_fold(dy, layout)), _dev(pivot), _dev(out),
-                          activation, _dev(scale), _dev(shift), _dev(_fold(residual, layout)),
-                          z_pivot=_dev(z_pivot), **launch, empty=_empty)
+        self._k.grad_sums(dev(_fold(x, layout)), dev(_fold(dy, layout)), dev(pivot), dev(out),
+                          activation, dev(scale), dev(shift), dev(_fold(residual, layout)),
+                          z_pivot=dev(z_pivot), **launch, empty=self._empty)
         return out[0], out[1]
 
     def grad_apply(self, x: Any, dy: Any, layout: Any, pivot: Any, a: Any, b: Any, k: Any, *,
@@ -177,11 +212,12 @@ class CudaPath:
             ``dy' = dy``); None without a residual.
         """
         cp, launch = self._launch(x, layout)
+        dev = self._dev
         dx = cp.empty_like(x)
         dres = cp.empty_like(x) if residual is not None and activation is not None else None
-        self._k.grad_apply(_dev(_fold(x, layout)), _dev(_fold(dy, layout)), *_devs(pivot, a, b, k),
-                           _dev(_fold(dx, layout)), activation, _dev(scale), _dev(shift),
-                           _dev(_fold(residual, layout)), _dev(_fold(dres, layout)), z_pivot=_dev(z_pivot),
+        self._k.grad_apply(dev(_fold(x, layout)), dev(_fold(dy, layout)), dev(pivot), dev(a), dev(b), dev(k),
+                           dev(_fold(dx, layout)), activation, dev(scale), dev(shift),
+                           dev(_fold(residual, layout)), dev(_fold(dres, layout)), z_pivot=dev(z_pivot),
                            **launch)
         if residual is not None and activation is None:
             dres = dy
@@ -189,19 +225,33 @@ class CudaPath:
 
     # ------------------------------------------------------------------ launching
 
+    def _dev(self, a: Any) -> Any:
+        """What the kernels' host functions take for a CuPy array: the array itself for the
+        direct launcher, else a numba view of it."""
+        return a if self._launcher is not None else _dev(a)
+
     def _launch(self, x: Any, layout: Any) -> tuple[ModuleType, dict[str, Any]]:
-        """cupy, and the keyword arguments of a launch: configuration and CuPy's current stream."""
+        """cupy, and the keyword arguments of a launch: configuration, CuPy's current stream
+        and the launcher."""
         import cupy as cp
-        from numba import cuda
 
         device = x.device.id
         sm_count = self._sm_counts.get(device)
         if sm_count is None:
             sm_count = self._sm_counts[device] = cp.cuda.Device(device).attributes["MultiProcessorCount"]
         ptr = cp.cuda.get_current_stream().ptr
+        config = self._k.launch_config(layout, sm_count=sm_count)
+        if self._launcher is not None:
+            return cp, {"config": config, "stream": self._launcher.stream(ptr), "launcher": self._launcher}
+        from numba import cuda
+
         # ptr 0 is CuPy's null stream, CUDA's legacy default stream: numba's stream 0
         stream = cuda.external_stream(ptr) if ptr else 0
-        return cp, {"config": self._k.launch_config(layout, sm_count=sm_count), "stream": stream}
+        return cp, {"config": config, "stream": stream}
+
+    def _empty(self, shape: tuple[int, ...], dtype: Any) -> Any:
+        """Scratch device memory from CuPy's pool (the reductions' partial sums)."""
+        return self._dev(_cupy_empty(shape, dtype))
 
 
 class CudaKernels:
@@ -289,12 +339,24 @@ def _dev(a: Any) -> Any:
     return cuda.as_cuda_array(a, sync=False)
 
 
-def _devs(*arrays: Any) -> list[Any]:
-    return [_dev(a) for a in arrays]
+def _direct_launcher(kernels: ModuleType) -> Any:
+    """A ``DirectLauncher`` that has launched the probe kernel on a CuPy array and got its
+    result, or None (numba's dispatch serves: no ``cuda.core``, the simulator, or a kernel
+    ABI other than the one the launcher writes)."""
+    try:
+        import cupy as cp
+
+        launcher = kernels.DirectLauncher()
+        a = cp.zeros(37, dtype=cp.float64)
+        launcher(kernels.probe_kernel(), (1,), (64,), launcher.stream(cp.cuda.get_current_stream().ptr), (a, 7))
+        if not np.array_equal(cp.asnumpy(a), kernels.probe_expected(37, 7)):
+            return None
+        return launcher
+    except Exception:  # noqa: BLE001 - any failure: the slower, always-correct dispatch serves
+        return None
 
 
-def _empty(shape: tuple[int, ...], dtype: Any) -> Any:
-    """Scratch device memory from CuPy's pool (the kernels' partial sums), as a numba view."""
+def _cupy_empty(shape: tuple[int, ...], dtype: Any) -> Any:
     import cupy as cp
 
-    return _dev(cp.empty(shape, dtype=dtype))
+    return cp.empty(shape, dtype=dtype)
