@@ -639,6 +639,65 @@ def test_kernel_params_follow_numbas_array_abi():
     assert isinstance(params[11], ctypes.c_int64) and params[11].value == 5 and len(params) == 12
 
 
+def test_cuda_path_serves_only_above_its_measured_threshold(monkeypatch):
+    # the generic CuPy path was faster up to 16 MiB on an H200 (docs/benchmarks.md)
+    from anybn._fast import cuda as glue
+
+    cp = ModuleType("cupy")
+    cp.ndarray = _FakeCupyArray
+    monkeypatch.setitem(sys.modules, "cupy", cp)
+    path = glue.CudaPath()
+    monkeypatch.setattr(path, "_load", lambda: K)
+    per_row = 1024 * 4  # (n, 1024) float32
+
+    def x(rows: int, dtype: Any = np.float32, order: str = "C") -> Any:
+        return np.zeros((rows, 1024), dtype, order=order).view(_FakeCupyArray)
+
+    at = (16 << 20) // per_row
+    assert not path.serves("train", cp, (x(at),))
+    assert path.serves("train", cp, (x(at + 1),))
+    assert path.serves("backward", cp, (x(at + 1), x(at + 1)))
+    assert not path.serves("backward", cp, (x(at + 1), x(at + 1, np.float64)))  # dtypes differ
+    assert not path.serves("eval", cp, (x(at + 1, order="F"),))
+    assert not path.serves("eval", np, (np.zeros((at + 1, 1024), np.float32),))
+    assert not path.serves("population", cp, (x(at + 1),))
+
+
+class _FakeKernel:
+    """A numba dispatcher as DirectLauncher uses it: compile(sig) -> bind, cufunc.kernel."""
+
+    def __init__(self) -> None:
+        self.compiled: list[tuple[Any, ...]] = []
+
+    def compile(self, sig: tuple[Any, ...]) -> Any:
+        self.compiled.append(sig)
+        cufunc = SimpleNamespace(kernel=("cufunc", len(self.compiled)))
+        return SimpleNamespace(bind=lambda: None, _codelibrary=SimpleNamespace(get_cufunc=lambda: cufunc))
+
+
+def test_direct_launcher_compiles_once_per_argument_types_and_passes_numbas_abi():
+    launcher = object.__new__(K.DirectLauncher)  # without __init__: no cuda.core needed
+    launches: list[tuple[Any, ...]] = []
+    launcher._launch = lambda stream, config, kernel, *params: launches.append((stream, config, kernel, params))
+    launcher._config = lambda grid, block: (grid, block)
+    launcher._kernels = {}
+
+    def arr(n: int, dtype: Any, ptr: int) -> Any:
+        return SimpleNamespace(dtype=np.dtype(dtype), ndim=1, size=n, itemsize=np.dtype(dtype).itemsize,
+                               data=SimpleNamespace(ptr=ptr), shape=(n,), strides=(np.dtype(dtype).itemsize,))
+
+    kernel = _FakeKernel()
+    launcher(kernel, (2, 3), (32, 8), "s", (arr(10, np.float32, 0x100), 5))
+    launcher(kernel, (2, 3), (32, 8), "s", (arr(20, np.float32, 0x200), 6))  # other sizes and ints: cached
+    launcher(kernel, (1,), (64,), "s", (arr(10, np.float64, 0x300), 5))  # another dtype: compiled
+    assert [tuple(map(str, sig)) for sig in kernel.compiled] == [
+        ("array(float32, 1d, C)", "int64"), ("array(float64, 1d, C)", "int64")]
+    assert [launch[2] for launch in launches] == [("cufunc", 1), ("cufunc", 1), ("cufunc", 2)]
+    stream, config, _, params = launches[1]
+    assert stream == "s" and config == ((2, 3), (32, 8))
+    assert params[:7] == (0, 0, 20, 4, 0x200, 20, 4) and params[7].value == 6
+
+
 def test_launch_path_argument_validated():
     from anybn._fast.cuda import CudaPath
 
