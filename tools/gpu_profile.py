@@ -45,6 +45,7 @@ import gpu_check as g  # noqa: E402 - puts ROOT on sys.path and applies the row_
 
 DELAY_MS = 8.0
 PROFILE_SHAPE = (64, 256, 32, 32)  # NCHW float32, 64 MiB
+PROFILE_CALLS = 30
 LAUNCHER_LARGE = [("NCHW 64MiB", (64, 256, 32, 32), 1), ("NHWC 64MiB", (64, 32, 32, 256), -1)]
 RUNS = 15
 DEVICE_CASES = [
@@ -227,12 +228,13 @@ def _profile(cp: Any, path: Any, text: io.StringIO, launch: str) -> dict[str, fl
         prof = cProfile.Profile()
         t0 = time.perf_counter()
         prof.enable()
-        for _ in range(30):
+        for _ in range(PROFILE_CALLS):
             fn()
         prof.disable()
-        walls[name] = (time.perf_counter() - t0) / 30 * 1e3
+        walls[name] = (time.perf_counter() - t0) / PROFILE_CALLS * 1e3
         cp.cuda.Device().synchronize()
-        text.write(f"===== {launch} launch, {name}: 30 calls, {walls[name]:.3f} ms per call under the profiler\n")
+        text.write(f"===== {launch} launch, {name}: {PROFILE_CALLS} calls, {walls[name]:.3f} ms per call "
+                   "under the profiler\n")
         pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
     return walls
 
