@@ -33,13 +33,12 @@ __all__ = ["CudaKernels", "CudaPath"]
 # Up to this many bytes of x the generic CuPy path serves. Measured on an H200
 # (tools/gpu_check.py, docs/benchmarks.md "On a GPU"): through numba's dispatch each step
 # took about 1 ms whatever the size, host time (not profiled yet; the lead is the per-launch
-# argument handling that DirectLauncher skips), and the
-# generic CuPy path was faster at every size timed, 64 KiB to 16 MiB (training forward
-# 0.49-0.95 against 1.13-2.01 ms, backward 0.31-0.64 against 1.04-1.89, inference 0.21-0.38
-# against 0.53-0.95, 15 sizes and layouts, each a median of 20). Above 16 MiB
-# the generic path was not timed; the fast path keeps its memory bound there (nothing the
-# size of x beyond the result, measured). To be measured again with the direct launcher
-# (tools/gpu_profile.py), which should move the crossover far down.
+# argument handling that DirectLauncher skips), and the generic CuPy path was faster at
+# every size timed, 64 KiB to 16 MiB (training forward 0.49-0.95 against 1.13-2.01 ms,
+# backward 0.31-0.64 against 1.04-1.89, inference 0.21-0.38 against 0.53-0.95; 15 sizes and
+# layouts, each a median of 20). Above 16 MiB the generic path was not timed; the fast path
+# keeps its memory bound there (nothing the size of x beyond the result, measured). To be
+# measured again with the direct launcher (tools/gpu_profile.py).
 _MIN_BYTES = 16 << 20
 
 _DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
