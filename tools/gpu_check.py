@@ -81,8 +81,9 @@ class Budget:
         return self.deadline - time.monotonic()
 
 
-def run_section(report: dict[str, Any], name: str, fn: Callable[[], Any], out: Path) -> None:
-    """Run one section, record its result or its error, and write the JSON."""
+def run_section(report: dict[str, Any], name: str, fn: Callable[[], Any], out: Path,
+                filename: str = "gpu_check.json") -> None:
+    """Run one section, record its result or its error, and write the JSON to ``out / filename``."""
     print(f"== {name}", flush=True)
     start = time.monotonic()
     try:
@@ -94,12 +95,12 @@ def run_section(report: dict[str, Any], name: str, fn: Callable[[], Any], out: P
                                     "traceback": traceback.format_exc()[-4000:]}
         print(f"   error: {type(exc).__name__}: {exc}", flush=True)
     report["sections"][name]["seconds"] = round(time.monotonic() - start, 2)
-    write_json(report, out)
+    write_json(report, out, filename)
 
 
-def write_json(report: dict[str, Any], out: Path) -> None:
+def write_json(report: dict[str, Any], out: Path, filename: str = "gpu_check.json") -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=_jsonable))
+    (out / filename).write_text(json.dumps(report, indent=1, default=_jsonable))
 
 
 def _jsonable(v: Any) -> Any:
@@ -139,7 +140,7 @@ def section_env() -> dict[str, Any]:
 
 
 _FALLBACK = """
-import warnings, cupy as cp, numpy as np, anybn
+import json, warnings, cupy as cp, numpy as np, anybn
 x = cp.random.default_rng(0).standard_normal((64, 64, 8, 8), dtype=cp.float32)  # 1 MiB
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
@@ -147,7 +148,7 @@ with warnings.catch_warnings(record=True) as caught:
 x64 = cp.asnumpy(x).astype(np.float64)
 m, v = x64.mean(axis=(0, 2, 3), keepdims=True), x64.var(axis=(0, 2, 3), keepdims=True)
 err = float(np.abs(cp.asnumpy(y) - (x64 - m) / np.sqrt(v + 1e-5)).max())
-print(repr({"warnings": [str(w.message)[:300] for w in caught], "max_abs_err": err}))
+print(json.dumps({"warnings": [str(w.message)[:300] for w in caught], "max_abs_err": err}))
 """
 
 
@@ -160,9 +161,7 @@ def _fallback_without_shim() -> dict[str, Any]:
                           timeout=120)
     if proc.returncode:
         return {"rc": proc.returncode, "stderr": proc.stderr[-1500:]}
-    import ast
-
-    return ast.literal_eval(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 # ------------------------------------------------------------------ 2. kernels
@@ -194,10 +193,11 @@ def layout_of(shape: tuple[int, ...], axis: int) -> Any:
         return SimpleNamespace(shape=tuple(shape), axis=axis, outer=outer, features=shape[axis], inner=inner)
 
 
-def _cuda_path() -> Any:
+def _cuda_path(launch: str = "numba") -> Any:
+    """A loaded ``CudaPath(launch=...)``; raises where numba.cuda cannot serve."""
     from anybn._fast.cuda import CudaPath
 
-    path = CudaPath()
+    path = CudaPath(launch=launch)
     if path._load() is None:
         raise RuntimeError("CudaPath: numba.cuda is not available on this machine")
     return path

@@ -6,13 +6,5 @@
 # Here, once:  python3 -m pip download --no-deps --only-binary=:all: -d .whl array-api-compat
 set -u
 cd "$(dirname "$0")/.."
-PY=$(command -v python3 || command -v python)
-for dir in .whl wheels; do
-    if compgen -G "$dir/*.whl" > /dev/null; then
-        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-            --target /tmp/anybn-site "$dir"/*.whl || exit 1
-        export PYTHONPATH="/tmp/anybn-site${PYTHONPATH:+:$PYTHONPATH}"
-    fi
-done
-export PYTHONUNBUFFERED=1
+source tools/device_env.sh
 exec "$PY" tools/gpu_check.py --out "${OUT:-gpu_check_out}" "$@"

@@ -26,6 +26,7 @@ Writes ``gpu_profile.json`` and ``gpu_profile.txt`` to ``--out``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import json
@@ -97,8 +98,8 @@ def section_device(budget: g.Budget) -> dict[str, Any]:
     import torch.nn.functional as F
 
     spin = cp.RawKernel(_SPIN, "spin")
-    path = _path("direct")
-    numba_path = _path("numba")
+    path = g._cuda_path("direct")
+    numba_path = g._cuda_path("numba")
     rows = []
     for name, shape, axis, dtype in DEVICE_CASES:
         if budget.left() < 120:
@@ -138,15 +139,12 @@ def section_device(budget: g.Budget) -> dict[str, Any]:
             rm, rv = torch.zeros(c, device=tx.device, dtype=pdt), torch.ones(c, device=tx.device, dtype=pdt)
             txg = tx.detach().requires_grad_(True)
             ty = F.batch_norm(txg, rm, rv, tw, tb, True, 0.1, 1e-5)
-            with torch.no_grad():
-                fns["torch_train"] = lambda: F.batch_norm(tx, rm, rv, tw, tb, True, 0.1, 1e-5)
-                fns["torch_eval"] = lambda: F.batch_norm(tx, rm, rv, tw, tb, False, 0.1, 1e-5)
+            fns["torch_train"] = lambda: F.batch_norm(tx, rm, rv, tw, tb, True, 0.1, 1e-5)
+            fns["torch_eval"] = lambda: F.batch_norm(tx, rm, rv, tw, tb, False, 0.1, 1e-5)
             fns["torch_backward"] = lambda: torch.autograd.grad(ty, (txg, tw, tb), tdy, retain_graph=True)
             for key, fn in fns.items():
-                if key.startswith("torch_") and key != "torch_backward":
-                    with torch.no_grad():
-                        row[key] = device_time(cp, spin, fn)
-                else:
+                # PyTorch's forwards without autograd's graph, as in gpu_check
+                with torch.no_grad() if key in ("torch_train", "torch_eval") else contextlib.nullcontext():
                     row[key] = device_time(cp, spin, fn)
             del out, ty, txg
         except Exception as exc:  # noqa: BLE001 - recorded, the next case runs
@@ -158,20 +156,11 @@ def section_device(budget: g.Budget) -> dict[str, Any]:
     return {"delay_ms": DELAY_MS, "runs": RUNS, "rows": rows}
 
 
-def _path(launch: str) -> Any:
-    from anybn._fast.cuda import CudaPath
-
-    path = CudaPath(launch=launch)
-    if path._load() is None:
-        raise RuntimeError("CudaPath: numba.cuda is not available on this machine")
-    return path
-
-
 def section_launchers() -> dict[str, Any]:
     """Every kernel through the direct launcher and through numba's dispatch: the same bits."""
     import cupy as cp
 
-    direct, numba_path = _path("direct"), _path("numba")
+    direct, numba_path = g._cuda_path("direct"), g._cuda_path("numba")
     if direct._launcher is None:
         return {"failed": 1, "error": "CudaPath(launch='direct') fell back to numba's dispatch: the probe "
                                       "kernel did not launch or gave a wrong result through DirectLauncher"}
@@ -211,7 +200,7 @@ def section_profile(out: Path) -> dict[str, Any]:
     text = io.StringIO()
     walls = {}
     for launch in ("direct", "numba"):
-        walls[launch] = _profile(cp, _path(launch), text, launch)
+        walls[launch] = _profile(cp, g._cuda_path(launch), text, launch)
     (out / "gpu_profile.txt").write_text(text.getvalue())
     return {"ms_per_call_under_profiler": walls}
 
@@ -272,8 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, fn in (("env", g.section_env), ("launchers", section_launchers),
                      ("device", lambda: section_device(budget)),
                      ("profile", lambda: section_profile(args.out)), ("large", lambda: section_large(budget))):
-        g.run_section(report, name, fn, args.out)
-        (args.out / "gpu_check.json").rename(path)
+        g.run_section(report, name, fn, args.out, path.name)
     ok = all(s.get("ok") and not (s.get("result") or {}).get("failed") for s in report["sections"].values())
     print(f"wrote {path}; {'all ran' if ok else 'ERRORS: see JSON'}")
     return 0 if ok else 1

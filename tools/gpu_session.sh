@@ -10,15 +10,7 @@
 #   tools/gpu_session.sh [PROFILE_BUDGET_S [CHECK_BUDGET_S]]   (defaults 170 and 230)
 set -u
 cd "$(dirname "$0")/.."
-PY=$(command -v python3 || command -v python)
-for dir in .whl wheels; do
-    if compgen -G "$dir/*.whl" > /dev/null; then
-        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-            --target /tmp/anybn-site "$dir"/*.whl || exit 1
-        export PYTHONPATH="/tmp/anybn-site${PYTHONPATH:+:$PYTHONPATH}"
-    fi
-done
-export PYTHONUNBUFFERED=1
+source tools/device_env.sh
 OUT_DIR="${OUT:-gpu_check_out}"
 quiet() { grep -v -i -e "NumbaPerformanceWarning" -e "warn(errors"; }
 "$PY" tools/gpu_profile.py --out "$OUT_DIR" --budget "${1:-170}" 2>&1 | quiet

@@ -274,9 +274,9 @@ def _map(op: str, x3: Any, dy3: Any, r3: Any, coefs: tuple[Any, ...], o3: Any, o
     xf, of = _flat(x3), _flat(o3)
     kernel = _map_kernel(op, _compute_type(x3.dtype), _ACT[activation], r3 is not None,
                          o23 is not None)
-    (launcher or _dispatch)(kernel, config.grid, config.block, stream,
-                            (xf, _flat(dy3, xf), _flat(r3, xf), *coefs, features, inner, outer * inner, of,
-                             _flat(o23, xf)))
+    launch = launcher or _dispatch
+    launch(kernel, config.grid, config.block, stream,
+           (xf, _flat(dy3, xf), _flat(r3, xf), *coefs, features, inner, outer * inner, of, _flat(o23, xf)))
 
 
 # ------------------------------------------------------------------ launching
@@ -640,9 +640,13 @@ def _merge_kernel() -> Any:
     return kernel
 
 
+#: ``probe_kernel``'s launch: a float64 array of PROBE_SIZE, the int PROBE_N, one block.
+PROBE_SIZE, PROBE_N, PROBE_GRID, PROBE_BLOCK = 37, 7, (1,), (64,)
+
+
 @lru_cache(maxsize=None)
 def probe_kernel() -> Any:
-    """Kernel ``(a, n)``: ``a[i] = 10 n + a.size + i``; ``probe`` and ``cuda.py`` check it."""
+    """Kernel ``(a, n)``: ``a[i] = 10 n + a.size + i``; ``check_probe`` checks what it wrote."""
 
     @cuda.jit
     def kernel(a, n):  # pragma: no cover - compiled
@@ -653,9 +657,11 @@ def probe_kernel() -> Any:
     return kernel
 
 
-def probe_expected(size: int, n: int) -> Any:
-    """What ``probe_kernel`` writes into a float64 array of ``size``."""
-    return np.arange(size, dtype=np.float64) + (10 * n + size)
+def check_probe(got: Any) -> None:
+    """Raise unless ``got`` (host float64) is what ``probe_kernel`` writes at PROBE_SIZE, PROBE_N."""
+    expected = np.arange(PROBE_SIZE, dtype=np.float64) + (10 * PROBE_N + PROBE_SIZE)
+    if not np.array_equal(got, expected):
+        raise RuntimeError(f"probe kernel wrote {got[:4]}..., expected {expected[:4]}...")
 
 
 def probe() -> None:
@@ -666,8 +672,6 @@ def probe() -> None:
     module 'numpy' has no attribute 'row_stack'`` while loading its typing registries, seen
     on an H200). ``CudaPath`` calls this once, before it serves anything.
     """
-    a = cuda.device_array(37, np.float64)
-    probe_kernel()[1, 64](a, 7)
-    got = a.copy_to_host()
-    if not np.array_equal(got, probe_expected(37, 7)):
-        raise RuntimeError(f"probe kernel wrote {got[:4]}..., expected {probe_expected(37, 7)[:4]}...")
+    a = cuda.device_array(PROBE_SIZE, np.float64)
+    _dispatch(probe_kernel(), PROBE_GRID, PROBE_BLOCK, 0, (a, PROBE_N))
+    check_probe(a.copy_to_host())

@@ -250,7 +250,9 @@ class CudaPath:
 
     def _empty(self, shape: tuple[int, ...], dtype: Any) -> Any:
         """Scratch device memory from CuPy's pool (the reductions' partial sums)."""
-        return self._dev(_cupy_empty(shape, dtype))
+        import cupy as cp
+
+        return self._dev(cp.empty(shape, dtype=dtype))
 
 
 class CudaKernels:
@@ -346,16 +348,10 @@ def _direct_launcher(kernels: ModuleType) -> Any:
         import cupy as cp
 
         launcher = kernels.DirectLauncher()
-        a = cp.zeros(37, dtype=cp.float64)
-        launcher(kernels.probe_kernel(), (1,), (64,), launcher.stream(cp.cuda.get_current_stream().ptr), (a, 7))
-        if not np.array_equal(cp.asnumpy(a), kernels.probe_expected(37, 7)):
-            return None
+        a = cp.zeros(kernels.PROBE_SIZE, dtype=cp.float64)
+        launcher(kernels.probe_kernel(), kernels.PROBE_GRID, kernels.PROBE_BLOCK,
+                 launcher.stream(cp.cuda.get_current_stream().ptr), (a, kernels.PROBE_N))
+        kernels.check_probe(cp.asnumpy(a))
         return launcher
     except Exception:  # noqa: BLE001 - any failure: the slower, always-correct dispatch serves
         return None
-
-
-def _cupy_empty(shape: tuple[int, ...], dtype: Any) -> Any:
-    import cupy as cp
-
-    return cp.empty(shape, dtype=dtype)

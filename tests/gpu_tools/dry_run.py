@@ -39,7 +39,7 @@ class _SimLauncher:
         K._dispatch(kernel, grid, block, stream, args)
 
 
-def _path(launch: str) -> glue.CudaPath:
+def _path(launch: str = "numba") -> glue.CudaPath:
     path = glue.CudaPath(launch=launch)
     path._kernels = K
     path._launcher = _SimLauncher() if launch == "direct" else None
@@ -59,7 +59,7 @@ def main() -> int:
     gp.PROFILE_SHAPE = (4, 2, 4, 4)
     gp.PROFILE_CALLS = 1
     gp.LAUNCHER_LARGE = []
-    gp._path = _path
+    g._cuda_path = _path
     tool, argv = sys.argv[1], sys.argv[2:]
     return (g.main if tool == "check" else gp.main)(argv)
 
