@@ -353,6 +353,39 @@ def test_memory_is_the_output_plus_per_feature_vectors(monkeypatch, shape, axis)
     assert saved.x is x
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_activation_kernels_compute_in_the_dtype_of_x(dtype):
+    """The fused activations' values stay in x's dtype: numba types float32 times an int
+    literal (``dy * 0``, ``1 + exp(-z)``) as float64, which ran every float32 ReLU and sigmoid
+    loop in float64 at half the vector width. Checked on numba's own typing of the kernels
+    (fresh compilations: cached ones keep no type annotation)."""
+    import numba
+
+    from anybn._fast import _cpu_kernels as k
+
+    want = numba.from_dtype(np.dtype(dtype))
+    for act in (1, 2):  # the helpers' return type unifies every branch, sigmoid's included
+        assert k._act(dtype(-2), act) is not None
+        assert k._act_grad(dtype(1), dtype(-2), act) is not None
+    for helper in (k._act, k._act_grad):
+        for sig in helper.signatures:
+            if sig[0] == want:
+                assert helper.overloads[sig].signature.return_type == want, (helper, sig)
+
+    def typed(kernel, *args):  # the masked gradient's locals (g0..g3, gc, gq) as numba typed them
+        fresh = numba.njit(kernel.py_func)
+        fresh(*args)
+        typemap = fresh.overloads[fresh.signatures[0]].type_annotation.typemap
+        return {name: t for name, t in typemap.items() if name.split(".")[0] in {"g0", "g1", "g2", "g3", "gc", "gq"}}
+
+    x = np.ones((8, 512), dtype)
+    v, s64, none = np.ones(512, dtype), np.zeros(512), np.empty((0, 0), dtype)
+    sums = typed(k.grad_sums_act_rows, x, x, s64, v, v, v, none, 1, 0, 8, s64, s64.copy())
+    apply = typed(k.grad_input_act_rows, x, x, v, v, v, v, v, v, v, none, 1, 0, 8, np.empty_like(x), none)
+    assert {"g0", "g1", "g2", "g3", "gc"} <= {n.split(".")[0] for n in sums} and "gq" in apply
+    assert all(t == want for t in [*sums.values(), *apply.values()]), (sums, apply)
+
+
 def _python(code: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "ANYBN_FAST_PATHS"}
     return subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True,

@@ -208,11 +208,35 @@ def test_the_path_streams_only_large_steps_of_whole_lines(monkeypatch):
     assert not streams((8, 4, 15, 15), 1, 2 << 20)  # planes of 225 float32: not whole lines
     assert streams((512, 16), 1, 2 << 20)  # rows of 16 float32: one line each
     assert not streams((512, 24), 1, 2 << 20)
+
+
+def test_outputs_start_half_a_page_from_their_input():
+    """The whole steps' outputs (y, dx) start half a page from x in the page (64-byte aligned
+    for streaming), so that their rows of 4 KiB do not share x's L1 sets: one page more."""
+    from anybn._fast import cpu
+
     for aligned in (True, False):
-        like = np.empty((3, 5, 7), np.float64)
-        out = cpu._empty(like, aligned)
-        assert out.shape == like.shape and out.dtype == like.dtype and out.flags.c_contiguous
-        assert out.ctypes.data % 64 == 0 or not aligned
+        for offset in (0, 8, 16, 2056, 4088):  # like's data at several places in its page
+            raw = np.empty(3 * 5 * 7 * 8 + 8192, np.uint8)
+            start = (offset - raw.ctypes.data) % 4096
+            like = raw[start:start + 3 * 5 * 7 * 8].view(np.float64).reshape(3, 5, 7)
+            out = cpu._empty(like, aligned)
+            assert out.shape == like.shape and out.dtype == like.dtype and out.flags.c_contiguous
+            assert out.ctypes.data % 64 == 0 or not aligned
+            assert out.ctypes.data % 8 == 0
+            # about half a page away from like in the page: other L1 sets for rows of 4 KiB
+            apart = (out.ctypes.data - like.ctypes.data) % 4096
+            assert 2048 - 64 < apart <= 2048 if aligned else apart == 2048
+
+    # and the whole steps take their outputs from it: rows of 4 KiB, forward and backward
+    from anybn import functional
+
+    x = np.random.default_rng(0).standard_normal((64, 1024), dtype=np.float32)
+    for activation in (None, "relu"):
+        y, saved = functional.batch_norm_train(x, activation=activation)
+        dx = functional.batch_norm_backward(np.ones_like(x), saved)[0]
+        for out in (y, dx):
+            assert (out.ctypes.data - x.ctypes.data) % 4096 == 2048
 
 
 def test_last_level_cache_size_from_sysfs(tmp_path):
