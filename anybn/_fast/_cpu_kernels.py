@@ -268,13 +268,13 @@ def grad_input_planes(x, dy, pivot, a, b, k, lo, hi, dx):  # pragma: no cover - 
 # recomputes it from x, the forward's coefficients and res, and applies act'(z) to dy.
 
 ACT_CODES = {None: 0, "relu": 1, "sigmoid": 2}
-# The activations' constants, float32 so that they keep a float32 value float32 (numba types
-# float32 * an int literal as float64: every ReLU and sigmoid loop ran in float64 at half the
-# vector width; the NHWC ReLU backward sums took 1.8x the plain sums instead of 1.2x) and a
-# float64 one float64. A masked value is multiplied by _ZERO, not replaced by it, so that NaN
-# (and inf) stay NaN.
+# What the ReLU kernels multiply a masked value by: a product, not a constant, so that NaN
+# (and inf) stay NaN; float32, so that a float32 value stays float32 (numba types float32 *
+# an int literal as float64: the rows ReLU loops ran in float64 at half the vector width, and
+# the NHWC ReLU backward sums took 1.8x the plain sums instead of 1.2x) and a float64 one
+# float64. The sigmoid stays in float64 (``1 + exp(-z)``); computed in float32 it also took
+# the ReLU's planes loops, which share ``_act_grad``, out of vectorization (10x slower).
 _ZERO = np.float32(0)
-_ONE = np.float32(1)
 
 
 @nb.njit(inline="always", fastmath=_FLAGS, error_model="numpy")
@@ -282,7 +282,7 @@ def _act(z, act):  # pragma: no cover - compiled
     if act == 1:
         return z if z > 0 else z * _ZERO  # keeps NaN, as max(z, 0) does in NumPy
     if act == 2:
-        return _ONE / (_ONE + np.exp(-z))
+        return 1 / (1 + np.exp(-z))
     return z
 
 
@@ -292,8 +292,8 @@ def _act_grad(g, z, act):  # pragma: no cover - compiled
     if act == 1:
         return g if z > 0 else g * _ZERO
     if act == 2:
-        s = _ONE / (_ONE + np.exp(-z))
-        return g * (s * (_ONE - s))
+        s = 1 / (1 + np.exp(-z))
+        return g * (s * (1 - s))
     return g
 
 
@@ -312,8 +312,8 @@ def _row_grad(x, dy, zp, zs, zt, res, act, r, z, g):  # pragma: no cover - compi
             g[c] = dy[r, c] if z[c] > 0 else dy[r, c] * _ZERO
     elif act == 2:
         for c in range(features):
-            e = _ONE / (_ONE + np.exp(-z[c]))
-            g[c] = dy[r, c] * (e * (_ONE - e))
+            e = 1 / (1 + np.exp(-z[c]))
+            g[c] = dy[r, c] * (e * (1 - e))
     else:
         for c in range(features):
             g[c] = dy[r, c]
