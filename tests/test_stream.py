@@ -211,15 +211,19 @@ def test_the_path_streams_only_large_steps_of_whole_lines(monkeypatch):
 
 
 def test_outputs_start_half_a_page_from_their_input():
-    """The whole steps' outputs (y, dx) start half a page from x in the page (64-byte aligned
-    for streaming), so that their rows of 4 KiB do not share x's L1 sets: one page more."""
+    """The whole steps' large outputs (y, dx) start half a page from x in the page (64-byte
+    aligned for streaming), so that their rows of 4 KiB do not share x's L1 sets: one page
+    more."""
     from anybn._fast import cpu
 
+    shape = (3, 5, 7, 1024)  # 840 KiB of float64: above the parallel threshold
+    size = int(np.prod(shape)) * 8
+    assert size >= cpu._PARALLEL_MIN_BYTES
     for aligned in (True, False):
         for offset in (0, 8, 16, 2056, 4088):  # like's data at several places in its page
-            raw = np.empty(3 * 5 * 7 * 8 + 8192, np.uint8)
+            raw = np.empty(size + 8192, np.uint8)
             start = (offset - raw.ctypes.data) % 4096
-            like = raw[start:start + 3 * 5 * 7 * 8].view(np.float64).reshape(3, 5, 7)
+            like = raw[start:start + size].view(np.float64).reshape(shape)
             out = cpu._empty(like, aligned)
             assert out.shape == like.shape and out.dtype == like.dtype and out.flags.c_contiguous
             assert out.ctypes.data % 64 == 0 or not aligned
@@ -228,10 +232,13 @@ def test_outputs_start_half_a_page_from_their_input():
             apart = (out.ctypes.data - like.ctypes.data) % 4096
             assert 2048 - 64 < apart <= 2048 if aligned else apart == 2048
 
+    # small outputs are plain arrays: the view would cost more than the crowding
+    small = np.empty((256, 64), np.float32)
+    assert small.nbytes < cpu._PARALLEL_MIN_BYTES and cpu._empty(small, False).flags.owndata
     # and the whole steps take their outputs from it: rows of 4 KiB, forward and backward
     from anybn import functional
 
-    x = np.random.default_rng(0).standard_normal((64, 1024), dtype=np.float32)
+    x = np.random.default_rng(0).standard_normal((512, 1024), dtype=np.float32)
     for activation in (None, "relu"):
         y, saved = functional.batch_norm_train(x, activation=activation)
         dx = functional.batch_norm_backward(np.ones_like(x), saved)[0]
