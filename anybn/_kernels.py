@@ -232,7 +232,7 @@ def _activate(xp: Namespace, z: Array, layout: Layout, activation: str | None, r
         else:
             z = z + r
     if activation == "relu":
-        return xp.where(z > 0, z, z * 0)  # z * 0 keeps NaN, as torch's relu does
+        return xp.where(z <= 0, xp.zeros_like(z), z)  # NaN stays NaN, -inf gives 0: torch's relu
     if activation == "sigmoid":
         return 1.0 / (1.0 + xp.exp(-z))
     return z
@@ -249,7 +249,7 @@ def _activation_grad(xp: Namespace, x: Array, dy: Array, layout: Layout, act: Ac
         z = z + fold(xp, act.residual, layout, cdt)
     dyf = fold(xp, dy, layout, cdt)
     if act.kind == "relu":
-        return xp.where(z > 0, dyf, dyf * 0)
+        return xp.where(z <= 0, xp.zeros_like(dyf), dyf)  # torch's threshold_backward: 0 even for a NaN dy
     if act.kind == "sigmoid":
         s = 1.0 / (1.0 + xp.exp(-z))
         return dyf * (s * (1.0 - s))

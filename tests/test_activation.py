@@ -95,6 +95,41 @@ def test_fixed_statistics_with_activation_match_torch(backend, activation, with_
         np.testing.assert_allclose(backend.to_numpy(out[3]), ref[4], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("shape, axis", LAYOUTS)
+def test_relu_at_nan_and_inf_follows_torch(backend, shape, axis):
+    """PyTorch's ReLU on every backend: relu(z) = 0 where z <= 0, else z (NaN stays NaN, -inf
+    gives 0), and its gradient 0 where z <= 0 even for a NaN dy (``threshold_backward``), dy
+    (NaN too) where z > 0. Fixed statistics, so that one value moves only its own z. The
+    backward's x stays finite: with fixed statistics the CPU fast path's dx = k (g + a (x - p)
+    + b) has a = 0, and 0 * inf is NaN there (a separate matter from the ReLU)."""
+    x64, g64, w64, b64, _ = _inputs(shape, axis, seed=30)
+    c = shape[axis]
+    mean, var = make_data((c,), seed=31), 0.5 + make_data((c,), seed=32) ** 2
+    w64 = np.abs(w64) + 0.1  # z rises with x: x far below the mean is masked, far above passes
+    feature = lambda i: np.unravel_index(i, shape)[axis]  # noqa: E731
+    fx = x64.copy().reshape(-1)  # the forward's x: z NaN, inf, -inf
+    fx[[3, 11, 19]] = np.nan, np.inf, -np.inf
+    bx, bg = x64.reshape(-1), g64.reshape(-1)  # the backward's: a NaN dy where z < 0 and where z > 0
+    bx[27], bg[27] = mean[feature(27)] - 100.0, np.nan
+    bx[35], bg[35] = mean[feature(35)] + 100.0, np.nan
+    a = backend.asarray
+    fx = fx.reshape(shape)
+    for got in (anybn.batch_norm_fixed(a(fx), a(mean), a(var), a(w64), a(b64), axis=axis, activation="relu")[0],
+                anybn.batch_norm_eval(a(fx), a(mean), a(var), a(w64), a(b64), axis=axis, activation="relu")):
+        got = backend.to_numpy(got)
+        flat = got.reshape(-1)
+        assert np.isnan(flat[3]) and flat[11] == np.inf and flat[19] == 0
+        ref = _torch_reference(fx, g64, w64, b64, None, axis, "relu", mean=mean, var=var)
+        np.testing.assert_allclose(got, ref[0], rtol=1e-12, atol=1e-12)  # NaN where torch's, and only there
+    _, saved = anybn.batch_norm_fixed(a(x64), a(mean), a(var), a(w64), a(b64), axis=axis, activation="relu")
+    dx, _, dbias = anybn.batch_norm_backward(a(g64), saved)
+    ref = _torch_reference(x64, g64, w64, b64, None, axis, "relu", mean=mean, var=var)
+    dx = backend.to_numpy(dx)
+    assert dx.reshape(-1)[27] == 0 and np.isnan(dx.reshape(-1)[35])
+    np.testing.assert_allclose(dx, ref[1], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(backend.to_numpy(dbias), ref[3], rtol=1e-10, atol=1e-12 * x64.size)
+
+
 @pytest.mark.parametrize("with_residual", [True, False])  # without: the fast path's whole steps
 @pytest.mark.parametrize("path", ["fast", "generic"])
 @pytest.mark.parametrize("activation", ["relu", "sigmoid"])

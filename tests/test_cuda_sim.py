@@ -224,8 +224,8 @@ def ref_act(z, activation):
 
 def ref_dy_prime(dy, z, activation):
     dy = dy.astype(np.float64)
-    if activation == "relu":
-        return np.where(z > 0.0, dy, 0.0)
+    if activation == "relu":  # PyTorch's threshold_backward: 0 where z <= 0, else dy (a NaN z passes dy)
+        return np.where(z <= 0.0, 0.0, dy)
     if activation == "sigmoid":
         s = 1.0 / (1.0 + np.exp(-z))
         return dy * s * (1.0 - s)

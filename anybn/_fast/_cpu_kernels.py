@@ -268,19 +268,20 @@ def grad_input_planes(x, dy, pivot, a, b, k, lo, hi, dx):  # pragma: no cover - 
 # recomputes it from x, the forward's coefficients and res, and applies act'(z) to dy.
 
 ACT_CODES = {None: 0, "relu": 1, "sigmoid": 2}
-# What the ReLU kernels multiply a masked value by: a product, not a constant, so that NaN
-# (and inf) stay NaN; float32, so that a float32 value stays float32 (numba types float32 *
-# an int literal as float64: the rows ReLU loops ran in float64 at half the vector width, and
-# the NHWC ReLU backward sums took 1.8x the plain sums instead of 1.2x) and a float64 one
-# float64. The sigmoid stays in float64 (``1 + exp(-z)``); computed in float32 it also took
-# the ReLU's planes loops, which share ``_act_grad``, out of vectorization (10x slower).
+# The ReLU as PyTorch's: relu(z) = 0 where z <= 0, else z (NaN stays NaN, -inf gives 0), and
+# its gradient 0 where z <= 0, else dy (threshold_backward: a masked dy is 0 even if NaN).
+# _ZERO is float32 so that a float32 select stays float32 (numba types float32 with an int
+# literal as float64: the rows ReLU loops, when written ``dy * 0``, ran in float64 at half
+# the vector width, and the NHWC ReLU backward sums took 1.8x the plain sums instead of 1.2x)
+# and a float64 one float64. The sigmoid stays in float64 (``1 + exp(-z)``); computed in
+# float32 it took the ReLU's planes loops, which share ``_act_grad``, out of vectorization.
 _ZERO = np.float32(0)
 
 
 @nb.njit(inline="always", fastmath=_FLAGS, error_model="numpy")
 def _act(z, act):  # pragma: no cover - compiled
     if act == 1:
-        return z if z > 0 else z * _ZERO  # keeps NaN, as max(z, 0) does in NumPy
+        return _ZERO if z <= 0 else z  # NaN stays NaN and -inf gives 0, as in PyTorch's relu
     if act == 2:
         return 1 / (1 + np.exp(-z))
     return z
@@ -290,7 +291,7 @@ def _act(z, act):  # pragma: no cover - compiled
 def _act_grad(g, z, act):  # pragma: no cover - compiled
     """g * act'(z): relu passes g where z > 0 (PyTorch's convention at 0), sigmoid s(1 - s)."""
     if act == 1:
-        return g if z > 0 else g * _ZERO
+        return _ZERO if z <= 0 else g  # as PyTorch's threshold_backward
     if act == 2:
         s = 1 / (1 + np.exp(-z))
         return g * (s * (1 - s))
@@ -309,7 +310,7 @@ def _row_grad(x, dy, zp, zs, zt, res, act, r, z, g):  # pragma: no cover - compi
             z[c] += res[r, c]
     if act == 1:
         for c in range(features):
-            g[c] = dy[r, c] if z[c] > 0 else dy[r, c] * _ZERO
+            g[c] = _ZERO if z[c] <= 0 else dy[r, c]
     elif act == 2:
         for c in range(features):
             e = 1 / (1 + np.exp(-z[c]))
@@ -366,17 +367,17 @@ def grad_sums_act_rows(x, dy, pivot, zp, zs, zt, res, act, lo, hi, sum_dy, sum_d
                 while rr + 4 <= end:
                     for c in range(features):
                         zpc, zsc, ztc, pc = zp[c], zs[c], zt[c], p[c]
-                        g0 = dy[rr, c] if (x[rr, c] - zpc) * zsc + ztc > 0 else dy[rr, c] * _ZERO
-                        g1 = dy[rr + 1, c] if (x[rr + 1, c] - zpc) * zsc + ztc > 0 else dy[rr + 1, c] * _ZERO
-                        g2 = dy[rr + 2, c] if (x[rr + 2, c] - zpc) * zsc + ztc > 0 else dy[rr + 2, c] * _ZERO
-                        g3 = dy[rr + 3, c] if (x[rr + 3, c] - zpc) * zsc + ztc > 0 else dy[rr + 3, c] * _ZERO
+                        g0 = _ZERO if (x[rr, c] - zpc) * zsc + ztc <= 0 else dy[rr, c]
+                        g1 = _ZERO if (x[rr + 1, c] - zpc) * zsc + ztc <= 0 else dy[rr + 1, c]
+                        g2 = _ZERO if (x[rr + 2, c] - zpc) * zsc + ztc <= 0 else dy[rr + 2, c]
+                        g3 = _ZERO if (x[rr + 3, c] - zpc) * zsc + ztc <= 0 else dy[rr + 3, c]
                         a1[c] += (g0 + g1) + (g2 + g3)
                         a2[c] += (g0 * (x[rr, c] - pc) + g1 * (x[rr + 1, c] - pc)) + (
                             g2 * (x[rr + 2, c] - pc) + g3 * (x[rr + 3, c] - pc))
                     rr += 4
             for rr in range(rr, end):
                 for c in range(features):
-                    gc = dy[rr, c] if (x[rr, c] - zp[c]) * zs[c] + zt[c] > 0 else dy[rr, c] * _ZERO
+                    gc = _ZERO if (x[rr, c] - zp[c]) * zs[c] + zt[c] <= 0 else dy[rr, c]
                     a1[c] += gc
                     a2[c] += gc * (x[rr, c] - p[c])
         else:
@@ -399,15 +400,22 @@ def grad_sums_act_planes(x, dy, pivot, zp, zs, zt, res, act, lo, hi, sum_dy, sum
     features, inner, has_res = x.shape[1], x.shape[2], res.shape[0] > 0
     for p in range(lo, hi):
         n, c = divmod(p, features)
+        zpc, zsc, ztc, pc = zp[c], zs[c], zt[c], pivot[c]
         a1 = 0.0
         a2 = 0.0
-        for i in range(inner):
-            z = (x[n, c, i] - zp[c]) * zs[c] + zt[c]
-            if has_res:
-                z += res[n, c, i]
-            g = np.float64(_act_grad(dy[n, c, i], z, act))
-            a1 += g
-            a2 += g * (np.float64(x[n, c, i]) - pivot[c])
+        if act == 1 and not has_res:  # BN + ReLU: a loop of its own, which LLVM vectorizes for sure
+            for i in range(inner):  # (through _act_grad it did or did not, with the form of the select)
+                g = np.float64(_ZERO if (x[n, c, i] - zpc) * zsc + ztc <= 0 else dy[n, c, i])
+                a1 += g
+                a2 += g * (np.float64(x[n, c, i]) - pc)
+        else:
+            for i in range(inner):
+                z = (x[n, c, i] - zpc) * zsc + ztc
+                if has_res:
+                    z += res[n, c, i]
+                g = np.float64(_act_grad(dy[n, c, i], z, act))
+                a1 += g
+                a2 += g * (np.float64(x[n, c, i]) - pc)
         sum_dy[c] += a1
         sum_dy_d[c] += a2
 
@@ -423,12 +431,12 @@ def grad_input_act_rows(x, dy, pivot, a, b, k, zp, zs, zt, res, act, lo, hi, dx,
                 for c in range(features):
                     pc, ac, bc, kc, zpc, zsc, ztc = pivot[c], a[c], b[c], k[c], zp[c], zs[c], zt[c]
                     for q in range(4):
-                        gq = dy[r + q, c] if (x[r + q, c] - zpc) * zsc + ztc > 0 else dy[r + q, c] * _ZERO
+                        gq = _ZERO if (x[r + q, c] - zpc) * zsc + ztc <= 0 else dy[r + q, c]
                         dx[r + q, c] = kc * (gq + ac * (x[r + q, c] - pc) + bc)
                 r += 4
         for r in range(r, hi):
             for c in range(features):
-                gc = dy[r, c] if (x[r, c] - zp[c]) * zs[c] + zt[c] > 0 else dy[r, c] * _ZERO
+                gc = _ZERO if (x[r, c] - zp[c]) * zs[c] + zt[c] <= 0 else dy[r, c]
                 dx[r, c] = k[c] * (gc + a[c] * (x[r, c] - pivot[c]) + b[c])
         return
     z = np.empty(features, dtype=x.dtype)

@@ -408,7 +408,7 @@ def _element_ops(ctype: Any, act: int, has_res: bool) -> tuple[Any, Any]:
             return dy
         z = preact(x, r, p, s, h)
         if act == 1:
-            return dy if z > zero else zero
+            return zero if z <= zero else dy  # a NaN z passes dy, as PyTorch's threshold_backward
         g = sigmoid(z)
         return dy * (g * (one - g))
 

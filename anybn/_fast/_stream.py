@@ -25,7 +25,7 @@ Formulas (``act``: 0 none, 1 ReLU; the kernels keep plain stores for other activ
 
 - affine: ``y = act((x - p) * s + t)``;
 - grad: ``dx = k * (g + a * (x - p) + b)`` with ``g = dy``, or with ReLU
-  ``g = dy if (x - zp) * zs + zt > 0 else dy * 0``.
+  ``g = 0 if (x - zp) * zs + zt <= 0 else dy`` (PyTorch's relu and threshold_backward).
 
 Coefficients are scalars (planes: one feature per run) or 1-D arrays read at the run's
 feature offset (rows: features contiguous). The pass functions at the end (``affine_rows``
@@ -126,9 +126,9 @@ class _Ops:
         return self.b.fadd(u, v, flags=_FLAGS)
 
     def relu_pass(self, z: Any, value: Any) -> Any:
-        """With the ReLU, value where z > 0, else value * 0 (NaN stays NaN), as ``_act`` and
+        """With the ReLU, 0 where z <= 0, else value (a NaN z passes value), as ``_act`` and
         ``_act_grad``; without, value."""
-        passed = self.b.select(self.b.fcmp_ordered(">", z, self.zero, flags=_FLAGS), value, self.mul(value, self.zero))
+        passed = self.b.select(self.b.fcmp_ordered("<=", z, self.zero, flags=_FLAGS), self.zero, value)
         return self.b.select(self.relu, passed, value)
 
 
