@@ -105,7 +105,9 @@ def batch_norm_train(
         through ``saved.comm``. None (the default): the statistics of ``x`` alone.
     activation : {None, "relu", "sigmoid"}, default None
         Fused activation: y = act(BN(x) [+ residual]) comes out of the same pass, and
-        backward applies act' on the fly (neither BN(x) nor a mask is stored).
+        backward applies act' on the fly (neither BN(x) nor a mask is stored). The ReLU is
+        PyTorch's: 0 where the pre-activation is <= 0 (-inf too), NaN stays NaN, and its
+        gradient is 0 there even for a NaN incoming gradient.
     residual : array, same shape as ``x``, optional
         Added after the normalization, before the activation: ResNet's BN-add-ReLU. Then
         :func:`batch_norm_backward` returns a fourth value, the residual's gradient.
