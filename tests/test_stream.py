@@ -309,8 +309,8 @@ def test_the_path_streams_where_told_and_agrees_with_plain_stores(monkeypatch, s
 
 @pytest.mark.parametrize("act", [0, 1])
 def test_streamed_nan_and_inf_land_where_plain_stores_put_them(act):
-    """NaN stays NaN through the ReLU's select (``z * 0``, as ``_act``), inf stays inf or
-    becomes NaN as in the plain loops."""
+    """NaN and inf land where the plain loops put them through the ReLU's select (0 where
+    z <= 0, as ``_act`` and ``_act_grad``), with and without streaming."""
     x, dy, w, b = _data((4, 3, 64), np.float32)
     x[0, 1, 5], x[2, 0, 17], x[3, 2, 63] = np.nan, np.inf, -np.inf
     dy[1, 1, 3] = np.nan
