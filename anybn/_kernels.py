@@ -232,7 +232,7 @@ def _activate(xp: Namespace, z: Array, layout: Layout, activation: str | None, r
         else:
             z = z + r
     if activation == "relu":
-        return xp.where(z <= 0, xp.zeros_like(z), z)  # NaN stays NaN, -inf gives 0: torch's relu
+        return xp.where(z <= 0, _zero(xp, z), z)  # NaN stays NaN, -inf gives 0: torch's relu
     if activation == "sigmoid":
         return 1.0 / (1.0 + xp.exp(-z))
     return z
@@ -249,11 +249,16 @@ def _activation_grad(xp: Namespace, x: Array, dy: Array, layout: Layout, act: Ac
         z = z + fold(xp, act.residual, layout, cdt)
     dyf = fold(xp, dy, layout, cdt)
     if act.kind == "relu":
-        return xp.where(z <= 0, xp.zeros_like(dyf), dyf)  # torch's threshold_backward: 0 even for a NaN dy
+        return xp.where(z <= 0, _zero(xp, dyf), dyf)  # torch's threshold_backward: 0 even for a NaN dy
     if act.kind == "sigmoid":
         s = 1.0 / (1.0 + xp.exp(-z))
         return dyf * (s * (1.0 - s))
     return dyf
+
+
+def _zero(xp: Namespace, like: Array) -> Array:
+    """A 0-d zero of ``like``'s dtype and device, which ``where`` broadcasts: no array the size of x."""
+    return xp.zeros((), dtype=like.dtype, device=device_of(like))
 
 
 GENERIC = GenericKernels()
