@@ -100,8 +100,7 @@ def test_relu_at_nan_and_inf_follows_torch(backend, shape, axis):
     """PyTorch's ReLU on every backend: relu(z) = 0 where z <= 0, else z (NaN stays NaN, -inf
     gives 0), and its gradient 0 where z <= 0 even for a NaN dy (``threshold_backward``), dy
     (NaN too) where z > 0. Fixed statistics, so that one value moves only its own z. The
-    backward's x stays finite: with fixed statistics the CPU fast path's dx = k (g + a (x - p)
-    + b) has a = 0, and 0 * inf is NaN there (a separate matter from the ReLU)."""
+    backward's x stays finite here; a non-finite x in the backward: the next test."""
     x64, g64, w64, b64, _ = _inputs(shape, axis, seed=30)
     c = shape[axis]
     mean, var = make_data((c,), seed=31), 0.5 + make_data((c,), seed=32) ** 2
@@ -128,6 +127,36 @@ def test_relu_at_nan_and_inf_follows_torch(backend, shape, axis):
     assert dx.reshape(-1)[27] == 0 and np.isnan(dx.reshape(-1)[35])
     np.testing.assert_allclose(dx, ref[1], rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(backend.to_numpy(dbias), ref[3], rtol=1e-10, atol=1e-12 * x64.size)
+
+
+@pytest.mark.parametrize("activation, with_residual", [("relu", False), ("sigmoid", False), ("relu", True)])
+@pytest.mark.parametrize("shape, axis", LAYOUTS)
+def test_fixed_statistics_backward_at_non_finite_x_follows_torch(backend, shape, axis, activation, with_residual):
+    """With fixed statistics dx = k * dy' has no term in x, so an infinite or NaN x moves dx
+    only through act'(z): relu passes dy where z = +inf or NaN and blocks it at -inf, the
+    sigmoid's derivative is 0 at +-inf and NaN at NaN, as in PyTorch. (The CPU fast path
+    computed k (dy' + 0 * (x - p) + 0), NaN at every non-finite x.)"""
+    x64, g64, w64, b64, r64 = _inputs(shape, axis, seed=40)
+    c = shape[axis]
+    mean, var = make_data((c,), seed=41), 0.5 + make_data((c,), seed=42) ** 2
+    w64 = np.abs(w64) + 0.1  # z rises with x
+    x64.reshape(-1)[[3, 11, 19]] = np.inf, -np.inf, np.nan
+    r64 = r64 if with_residual else None
+    a = backend.asarray
+    _, saved = anybn.batch_norm_fixed(a(x64), a(mean), a(var), a(w64), a(b64), axis=axis, activation=activation,
+                                      residual=None if r64 is None else a(r64))
+    with np.errstate(invalid="ignore"):  # dweight meets 0 * inf (NaN in PyTorch too): NumPy warns
+        out = anybn.batch_norm_backward(a(g64), saved)
+    ref = _torch_reference(x64, g64, w64, b64, r64, axis, activation, mean=mean, var=var)
+    dx = backend.to_numpy(out[0]).reshape(-1)
+    want_nan = [False, False, activation == "sigmoid"]
+    assert list(np.isnan(dx[[3, 11, 19]])) == want_nan
+    assert np.isnan(dx).sum() == sum(want_nan)  # NaN nowhere else
+    np.testing.assert_allclose(dx.reshape(shape), ref[1], rtol=1e-12, atol=1e-12)  # NaN where torch's only
+    for got, want in zip(out[1:3], ref[2:4]):  # dweight NaN or inf where PyTorch's is
+        np.testing.assert_allclose(backend.to_numpy(got), want, rtol=1e-10, atol=1e-12 * x64.size)
+    if with_residual:
+        np.testing.assert_allclose(backend.to_numpy(out[3]), ref[4], rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("with_residual", [True, False])  # without: the fast path's whole steps

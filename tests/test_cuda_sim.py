@@ -404,6 +404,50 @@ def test_grad_apply_matches_float64_reference(geometry, dtype, activation, resid
 
 
 @in_simulator
+@pytest.mark.parametrize("dtype, activation, residual", [(np.float32, None, False), (np.float32, "relu", True),
+                                                         (np.float32, "sigmoid", False), (np.float64, "relu", False)])
+@pytest.mark.parametrize("geometry", [GEOMETRIES[0], GEOMETRIES[2], GEOMETRIES[3]], ids=["rows", "NHWC", "planes"])
+def test_grad_apply_with_fixed_statistics_has_no_term_in_x(geometry, dtype, activation, residual):
+    """a = b = None (fixed statistics): dx = k * dy', so an infinite or NaN x gives what
+    PyTorch gives (k dy or 0 by act'(z); NaN only where the sigmoid meets a NaN z), where
+    k (dy' + 0 * (x - p) + 0) was NaN at every non-finite x."""
+    case, r, z, dz, dy = _backward_case(geometry, dtype, activation, residual, seed=5)
+    x = case.x.copy()
+    planted = (0, 1, 0), (1, 0, 0), (1, 2, 0)  # +inf, -inf, NaN
+    for where, value in zip(planted, (np.inf, -np.inf, np.nan)):
+        x[where] = value
+    c = geometry.fold.features
+    k = np.random.default_rng(6).uniform(0.5, 2.0, c)
+    dx = cuda.device_array(x.shape, x.dtype)
+    K.grad_apply(_dev(x), _dev(dy), _dev(case.sample), None, None, _dev(k), dx, activation,
+                 _dev(case.scale), _dev(case.shift), None if r is None else _dev(r), z_pivot=_dev(case.mean),
+                 config=_config(geometry))
+    got = dx.copy_to_host().astype(np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        z_all = ref_z(x, case.mean, case.scale, case.shift, r)
+        expected = _v(k) * ref_dy_prime(dy, z_all, activation)
+    nan = np.isnan(expected)
+    assert np.array_equal(np.isnan(got), nan)  # NaN only at the sigmoid's NaN z
+    assert nan.sum() == (1 if activation == "sigmoid" else 0)
+    hit = np.zeros(x.shape, bool)
+    for where in planted:
+        hit[where] = True
+    uc = _compute_unit(dtype)
+    # at the planted x: dy' is dy, 0 or (sigmoid at +-inf) 0 exactly; k and k * dy' round once each
+    edge = hit & ~nan
+    assert np.all(np.abs(got[edge] - expected[edge]) <= (2 * uc * np.abs(expected) + _output_rounding(expected, dtype))[edge])
+    # elsewhere as in test_grad_apply_matches_float64_reference with a = b = 0
+    g = ref_dy_prime(dy, z, activation)
+    dg = _dy_prime_error(dy, z, dz, activation, dtype)
+    want = _v(k) * g
+    tol = np.abs(_v(k)) * (dg + 3 * uc * np.abs(g)) + 2 * uc * np.abs(want) + _output_rounding(want, dtype)
+    _assert_close(np.where(hit, 0.0, got), np.where(hit, 0.0, want), np.where(hit, 0.0, tol), dtype=dtype,
+                  what=f"dx, fixed statistics ({activation})")
+    with pytest.raises(ValueError, match="a and b must both be given"):
+        K.grad_apply(_dev(x), _dev(dy), _dev(case.sample), _dev(k), None, _dev(k), dx)
+
+
+@in_simulator
 @pytest.mark.parametrize("geometry", [GEOMETRIES[0], GEOMETRIES[3]], ids=["rows", "planes"])
 def test_float32_at_mean_over_std_1e4_within_1em4_of_float64(geometry):
     # x = 1e4 + N(0, 1): float32 keeps ~3 significant digits of each deviation's square
@@ -745,7 +789,8 @@ f64 = types.float64
 REDUCE = {types.float16: [("moments", 0, False), ("grad", 2, True)], types.float32: [("grad", 1, True)],
           types.float64: [("moments", 0, False)]}
 MAP = {types.float16: [("apply", 2, True, False), ("grad", 1, True, True)],
-       types.float32: [("apply", 2, True, False), ("grad", 2, True, True)], types.float64: [("grad", 0, False, False)]}
+       types.float32: [("apply", 2, True, False), ("grad", 2, True, True), ("grad_fixed", 1, False, False)],
+       types.float64: [("grad", 0, False, False)]}
 for dt in (types.float16, types.float32, types.float64):
     ct = K._compute_type(str(dt))
     for op, act, res in REDUCE[dt]:

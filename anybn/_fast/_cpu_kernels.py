@@ -420,10 +420,48 @@ def grad_sums_act_planes(x, dy, pivot, zp, zs, zt, res, act, lo, hi, sum_dy, sum
         sum_dy_d[c] += a2
 
 
+@nb.njit(inline="always", fastmath=_FLAGS, error_model="numpy", boundscheck=False)
+def _grad_input_act_rows_fixed(x, dy, k, zp, zs, zt, res, act, lo, hi, dx, dres):  # pragma: no cover - compiled
+    """dx = k * dy', dres = dy' (where dres is not empty): fixed statistics, rows lo..hi."""
+    features, want_dres = x.shape[1], dres.shape[0] > 0
+    z = np.empty(features, dtype=x.dtype)
+    g = np.empty(features, dtype=x.dtype)
+    for r in range(lo, hi):
+        _row_grad(x, dy, zp, zs, zt, res, act, r, z, g)
+        for c in range(features):
+            dx[r, c] = k[c] * g[c]
+        if want_dres:
+            for c in range(features):
+                dres[r, c] = g[c]
+
+
+@nb.njit(inline="always", fastmath=_FLAGS, error_model="numpy", boundscheck=False)
+def _grad_input_act_planes_fixed(x, dy, k, zp, zs, zt, res, act, lo, hi, dx, dres):  # pragma: no cover
+    """As ``_grad_input_act_rows_fixed`` for (N, C, L), over planes lo..hi."""
+    features, inner, has_res, want_dres = x.shape[1], x.shape[2], res.shape[0] > 0, dres.shape[0] > 0
+    for p in range(lo, hi):
+        n, c = divmod(p, features)
+        kc, zpc, zsc, ztc = k[c], zp[c], zs[c], zt[c]
+        for i in range(inner):
+            z = (x[n, c, i] - zpc) * zsc + ztc
+            if has_res:
+                z += res[n, c, i]
+            g = _act_grad(dy[n, c, i], z, act)
+            dx[n, c, i] = kc * g
+            if want_dres:
+                dres[n, c, i] = g
+
+
 @_kernel
 def grad_input_act_rows(x, dy, pivot, a, b, k, zp, zs, zt, res, act, lo, hi, dx, dres):  # pragma: no cover
-    """dx = k * (dy' + a * (x - pivot) + b), and dres = dy' where dres is not empty."""
+    """dx = k * (dy' + a * (x - pivot) + b), and dres = dy' where dres is not empty.
+
+    An empty ``a`` stands for fixed statistics: dx = k * dy', with no term in x, so that an
+    infinite or NaN x gives what PyTorch gives (0 * inf would be NaN)."""
     features, want_dres = x.shape[1], dres.shape[0] > 0
+    if a.shape[0] == 0:
+        _grad_input_act_rows_fixed(x, dy, k, zp, zs, zt, res, act, lo, hi, dx, dres)
+        return
     if act == 1 and res.shape[0] == 0 and not want_dres:  # BN + ReLU: one vectorized loop
         r = lo
         if features >= _WIDE:  # four rows per sweep: the seven per-feature loads once for four rows
@@ -454,6 +492,9 @@ def grad_input_act_rows(x, dy, pivot, a, b, k, zp, zs, zt, res, act, lo, hi, dx,
 def grad_input_act_planes(x, dy, pivot, a, b, k, zp, zs, zt, res, act, lo, hi, dx, dres):  # pragma: no cover
     """As ``grad_input_act_rows`` for (N, C, L), over planes lo..hi."""
     features, inner, has_res, want_dres = x.shape[1], x.shape[2], res.shape[0] > 0, dres.shape[0] > 0
+    if a.shape[0] == 0:
+        _grad_input_act_planes_fixed(x, dy, k, zp, zs, zt, res, act, lo, hi, dx, dres)
+        return
     for p in range(lo, hi):
         n, c = divmod(p, features)
         pc, ac, bc, kc, zpc, zsc, ztc = pivot[c], a[c], b[c], k[c], zp[c], zs[c], zt[c]

@@ -227,15 +227,22 @@ def grad_apply(x3: Any, dy3: Any, pivot: Any, a: Any, b: Any, k: Any, dx3: Any,
     ----------
     x3, dy3 : device arrays, shape (outer, C, inner), same float dtype, C-contiguous
     pivot, a, b, k : device arrays, shape (C,), float64
+        ``a`` and ``b`` None for fixed statistics: ``dx = k * dy'``, no term in x (which as
+        ``0 * (x - pivot)`` would make dx NaN where x is infinite).
     dx3 : device array like x3, written
     activation, scale, shift, residual3, z_pivot : as for ``grad_sums``
     dres3 : device array like x3, optional, written
     config, stream, launcher : as for ``moments``
     """
     act = _activation("grad_apply", activation, scale, shift)
+    if (a is None) != (b is None):
+        raise ValueError("grad_apply: a and b must both be given (batch statistics) or both None (fixed)")
     zp = pivot if z_pivot is None or not act else z_pivot
-    coefs = (pivot, a, b, k, scale if act else pivot, shift if act else pivot, zp)
-    _map("grad", x3, dy3, residual3 if act else None, coefs, dx3, dres3, activation, config, stream, launcher)
+    fixed = a is None  # placeholders in a's and b's slots, not read
+    coefs = (pivot, pivot if fixed else a, pivot if fixed else b, k, scale if act else pivot,
+             shift if act else pivot, zp)
+    _map("grad_fixed" if fixed else "grad", x3, dy3, residual3 if act else None, coefs, dx3, dres3, activation,
+         config, stream, launcher)
 
 
 def _activation(fn: str, activation: str | None, scale: Any, shift: Any) -> int:
@@ -510,16 +517,19 @@ def _map_kernel(op: str, ctype: Any, act: int, has_res: bool, has_out2: bool) ->
 
     op "apply": q = (pivot, scale, shift), ``of = act(z)``. op "grad": q = (pivot, a, b, k,
     scale, shift, z_pivot), ``of = k * (dy' + a * (x - pivot) + b)`` and ``of2 = dy'`` if
-    has_out2.
+    has_out2; op "grad_fixed": the same with ``of = k * dy'`` (a and b not read).
     Unused q slots and arrays are placeholders, never read.
     """
     forward, backward = _element_ops(ctype, act, has_res)
-    grad = op == "grad"
+    grad = op in ("grad", "grad_fixed")
+    fixed = op == "grad_fixed"
 
     @cuda.jit(device=True)
     def element(x, dy, r, q0, q1, q2, q3, q4, q5, q6):  # pragma: no cover - compiled
         if grad:
             g = backward(x, dy, r, q6, q4, q5)
+            if fixed:
+                return q3 * g, g
             return q3 * (g + q1 * (x - q0) + q2), g
         y = forward(x, r, q0, q1, q2)
         return y, y

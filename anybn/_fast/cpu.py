@@ -304,8 +304,11 @@ class CpuPath:
         dx = np.empty_like(xv)
         dres = np.empty_like(xv) if act.residual is not None else np.empty((0,) * xv.ndim, dtype=dtype)
         kernel = self._k.grad_input_act_rows if view.rows else self._k.grad_input_act_planes
-        args = (xv, dyv, _vector(pivot, dtype, c), _vector(a, dtype, c), _vector(b, dtype, c),
-                _vector(k, dtype, c)) + _act_args(self._k, view, act, dtype)
+        # fixed statistics (a is None): an empty a, so that the kernels leave out the term in
+        # x, whose 0 * inf would make dx NaN where x is infinite
+        fixed = a is None
+        args = (xv, dyv, _vector(pivot, dtype, c), _ABSENT_X[dtype] if fixed else _vector(a, dtype, c),
+                _vector(b, dtype, c), _vector(k, dtype, c)) + _act_args(self._k, view, act, dtype)
         self._map(kernel, args, (dx, dres), view, x.nbytes)
         if act.residual is None:
             return dx.reshape(x.shape)

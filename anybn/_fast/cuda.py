@@ -301,8 +301,9 @@ class CudaKernels:
         if out is not None:
             raise TypeError("the CUDA kernels do not write into out= yet (writes_out is not set)")
         c = layout.features
-        dx, dres = self.path.grad_apply(x, dy, layout, _coef(xp, pivot, c), _coef(xp, a, c), _coef(xp, b, c),
-                                        _coef(xp, k, c), **_z_args(xp, act, c))
+        fixed = a is None  # fixed statistics: dx = k * dy', no term in x (0 * inf is NaN)
+        dx, dres = self.path.grad_apply(x, dy, layout, _coef(xp, pivot, c), None if fixed else _coef(xp, a, c),
+                                        None if fixed else _coef(xp, b, c), _coef(xp, k, c), **_z_args(xp, act, c))
         return dx if act is None or act.residual is None else (dx, dres)
 
 
