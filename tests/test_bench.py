@@ -490,31 +490,49 @@ def test_sweep_plot_draws_times_and_bandwidth(tmp_path):
 def test_threads_table_and_arguments(monkeypatch, capsys):
     from anybn.bench import threads
 
-    a1 = {"s train": 2.0}
-    a2 = {"s train": 1.0}
-    t1 = {"s train": 4.0}
-    t2 = {"s train": 2.5}
-    text = threads.table(a1, a2, t1, t2)
-    row = text.splitlines()[1].split()
-    assert row[2:] == ["2.000", "1.000", "0.50", "4.000", "2.500", "0.40"]
+    anybn = {"threads": [1, 2], "ms": {"1": {"s train": 2.0}, "2": {"s train": 1.0}}, "ratio": {"s train": 0.45}}
+    torch = {"threads": [1, 2], "ms": {"1": {"s train": 4.0, "s copy": 1.0}, "2": {"s train": 2.5, "s copy": 0.7}},
+             "ratio": {"s train": 0.6, "s copy": 0.75}}
+    lines = threads.table(anybn, torch).splitlines()
+    assert lines[0].split()[1:3] == ["anybn", "1t"]
+    # the ratio column is the per-round median given, not the ratio of the medians
+    assert lines[1].split()[2:] == ["2.000", "1.000", "0.45", "4.000", "2.500", "0.60", "0.40"]
+    assert lines[2].split()[2:] == ["-", "-", "-", "1.000", "0.700", "0.75", "-"]
     with pytest.raises(ValueError, match="library must be 'anybn' or 'torch', got 'jax'"):
-        threads.measure("jax", 1)
+        threads.measure("jax")
+    with pytest.raises(ValueError, match=r"threads must be at least two positive counts, got \[2\]"):
+        threads.measure("anybn", (2,))
     assert threads.main(["nonsense"]) == 2
 
 
-def test_threads_measure_runs_each_case(monkeypatch):
-    """One tiny shape: every op of both libraries gets a positive median."""
+def test_threads_measure_alternates_thread_counts(monkeypatch):
+    """One tiny shape: every op of both libraries gets a positive median on each thread
+    count, the counts alternate within the rounds, and the ratio is the per-round median."""
     from anybn.bench import threads
 
     pytest.importorskip("torch")
     monkeypatch.setattr(threads, "SHAPES", (("8x3", (8, 3), 1), ("nhwc:2x2x2x3", (2, 2, 2, 3), -1)))
-    monkeypatch.setattr(threads, "ROUNDS", 2)
+    monkeypatch.setattr(threads, "ROUNDS", 3)
     monkeypatch.setattr(threads, "CALLS", 1)
     monkeypatch.setenv("ANYBN_NUM_THREADS", "1")
+    real = threads._set_threads
     for library in ("anybn", "torch"):
-        got = threads.measure(library, 1)
-        assert set(got) == {f"{s} {op}" for s in ("8x3", "nhwc:2x2x2x3") for op in ("train", "backward", "eval")}
-        assert all(v > 0 for v in got.values())
+        order: list[int] = []
+
+        def recording(lib, real=real, order=order):
+            set_n = real(lib)
+            return lambda n: (order.append(n), set_n(n))
+
+        monkeypatch.setattr(threads, "_set_threads", recording)
+        got = threads.measure(library)
+        ops = ("train", "backward", "eval") + (("copy",) if library == "torch" else ())
+        cases = {f"{s} {op}" for s in ("8x3", "nhwc:2x2x2x3") for op in ops}
+        assert got["threads"] == [1, 2]
+        assert set(got["ratio"]) == cases and set(got["ms"]) == {"1", "2"}
+        for n in ("1", "2"):
+            assert set(got["ms"][n]) == cases and all(v > 0 for v in got["ms"][n].values())
+        assert all(v > 0 for v in got["ratio"].values())
+        assert order == [1, 2, 2, 1, 1, 2] * 2  # per shape: rounds forwards, backwards, forwards
 
 
 def test_separate_runs_each_backend_in_its_own_process():

@@ -1,21 +1,25 @@
-"""``python -m anybn.bench.threads``: anybn's CPU fast path and PyTorch, each in its own process.
+"""``python -m anybn.bench.threads``: 2 threads against 1, each library in its own process.
 
 ``anybn bench`` interleaves every backend in one process. With two threads on a 2-core
 machine that puts numba's OpenMP pool (anybn's passes) and PyTorch's own OpenMP pool in one
 process, where each pool's workers spin for a while after their work and take the cores the
-other one needs next. This command times one library and one thread count per process
-(rounds of a few calls of each op, medians), so a pool only ever competes with itself:
+other one needs next. This command times one library per process, so a pool only ever
+competes with itself, and within that process alternates the thread counts round by round
+(1 then 2, then 2 then 1, ...), so that the 2-thread / 1-thread ratio is a same-process,
+same-minute comparison: the median over rounds of each round's ratio. (Timing each thread
+count in a process of its own let the machine's drift between processes into the ratio:
+0.37 to 1.09 on cases whose same-process ratio is steady.)
 
-    python -m anybn.bench.threads run anybn 1 a1.json
-    python -m anybn.bench.threads run anybn 2 a2.json
-    python -m anybn.bench.threads run torch 1 t1.json
-    python -m anybn.bench.threads run torch 2 t2.json
-    python -m anybn.bench.threads table a1.json a2.json t1.json t2.json
+    python -m anybn.bench.threads run anybn a.json
+    python -m anybn.bench.threads run torch t.json
+    python -m anybn.bench.threads table a.json t.json
 
-``all`` runs the four in fresh interpreters one after another and prints the table. Set the
+``all`` runs the two in fresh interpreters one after another and prints the table. Set the
 glibc variables of ``anybn bench`` for every run. PyTorch is called as ``anybn bench`` calls
 it: ``torch.ops.aten.native_batch_norm`` / ``native_batch_norm_backward``, channels_last for
-NHWC.
+NHWC. PyTorch's process also times ``copy``, ``Tensor.copy_`` of x into a preallocated
+tensor, which PyTorch splits across its threads: how far the memory system lets two threads
+go on each shape (a pass that reads x and writes y cannot scale better than a copy does).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ SHAPES: tuple[tuple[str, tuple[int, ...], int], ...] = (
 )
 ROUNDS = 15
 CALLS = 5
+THREADS = (1, 2)
 
 
 def _anybn_ops(x: np.ndarray, dy: np.ndarray, axis: int) -> dict[str, Callable[[], Any]]:
@@ -70,54 +75,93 @@ def _torch_ops(x: np.ndarray, dy: np.ndarray, axis: int) -> dict[str, Callable[[
             "eval": lambda: aten.native_batch_norm(xt, w, b, rm, rv, False, 0.1, 1e-5)}
 
 
-def measure(library: str, threads: int) -> dict[str, float]:
-    """Median ms per call of each (shape, op) for ``library`` ('anybn' or 'torch') on ``threads``."""
+def _set_threads(library: str) -> Callable[[int], None]:
+    """A function that sets ``library``'s thread count for the calls that follow it."""
     if library == "anybn":
-        os.environ["ANYBN_NUM_THREADS"] = str(threads)
-        make = _anybn_ops
-    elif library == "torch":
+        def anybn_threads(n: int) -> None:
+            os.environ["ANYBN_NUM_THREADS"] = str(n)  # read by anybn at each call
+
+        return anybn_threads
+    if library == "torch":
         import torch
 
-        torch.set_num_threads(threads)
-        make = _torch_ops
-    else:
-        raise ValueError(f"library must be 'anybn' or 'torch', got {library!r}")
+        return torch.set_num_threads
+    raise ValueError(f"library must be 'anybn' or 'torch', got {library!r}")
+
+
+def _torch_copy(x: np.ndarray) -> Callable[[], Any]:
+    import torch
+
+    src = torch.from_numpy(x)
+    dst = torch.empty_like(src)
+    return lambda: dst.copy_(src)
+
+
+def measure(library: str, threads: Sequence[int] = THREADS) -> dict[str, Any]:
+    """Time every (shape, op) of ``library`` ('anybn' or 'torch') on each of ``threads``.
+
+    Returns ``{"threads": [...], "ms": {"<n>": {case: median ms per call}}, "ratio": {case:
+    median over rounds of (ms on threads[-1]) / (ms on threads[0])}}``, cases named
+    ``"<shape> <op>"``. The thread counts alternate within each round, in turn forwards
+    and backwards, so that each round's ratio compares calls a few milliseconds apart.
+    """
+    if len(threads) < 2 or min(threads) < 1:
+        raise ValueError(f"threads must be at least two positive counts, got {list(threads)!r}")
+    set_threads = _set_threads(library)
+    make = _anybn_ops if library == "anybn" else _torch_ops
     rng = np.random.default_rng(0)
-    out: dict[str, float] = {}
+    ms: dict[str, dict[str, float]] = {str(n): {} for n in threads}
+    ratio: dict[str, float] = {}
     for name, shape, axis in SHAPES:
         x = rng.standard_normal(shape, dtype=np.float32)
         dy = rng.standard_normal(shape, dtype=np.float32)
         ops = make(x, dy, axis)
-        samples: dict[str, list[float]] = {op: [] for op in ops}
-        for _ in range(ROUNDS):
-            for op, fn in ops.items():
-                fn()  # untimed: whatever ran before settles
-                start = time.perf_counter()
-                for _ in range(CALLS):
-                    fn()
-                samples[op].append((time.perf_counter() - start) / CALLS)
-        for op, values in samples.items():
-            out[f"{name} {op}"] = 1e3 * statistics.median(values)
-    return out
+        if library == "torch":
+            ops["copy"] = _torch_copy(x)
+        samples: dict[tuple[int, str], list[float]] = {(n, op): [] for n in threads for op in ops}
+        for r in range(ROUNDS):
+            for n in (threads if r % 2 == 0 else list(reversed(threads))):
+                set_threads(n)
+                for op, fn in ops.items():
+                    fn()  # untimed: whatever ran before settles
+                    start = time.perf_counter()
+                    for _ in range(CALLS):
+                        fn()
+                    samples[n, op].append((time.perf_counter() - start) / CALLS)
+        for op in ops:
+            case = f"{name} {op}"
+            for n in threads:
+                ms[str(n)][case] = 1e3 * statistics.median(samples[n, op])
+            ratio[case] = statistics.median(
+                hi / lo for hi, lo in zip(samples[threads[-1], op], samples[threads[0], op], strict=True))
+    return {"threads": list(threads), "ms": ms, "ratio": ratio}
 
 
-def table(a1: dict[str, float], a2: dict[str, float], t1: dict[str, float], t2: dict[str, float]) -> str:
-    """The four runs side by side: ms, anybn's 2-thread / 1-thread, and anybn / PyTorch on 2 threads."""
-    lines = [f"{'case':28s} {'anybn 1t':>9s} {'anybn 2t':>9s} {'2t/1t':>6s} {'torch 1t':>9s} {'torch 2t':>9s} "
-             f"{'anybn/torch 2t':>15s}"]
-    for key in a1:
-        lines.append(f"{key:28s} {a1[key]:9.3f} {a2[key]:9.3f} {a2[key] / a1[key]:6.2f} {t1[key]:9.3f} "
-                     f"{t2[key]:9.3f} {a2[key] / t2[key]:15.2f}")
+def table(anybn: dict[str, Any], torch: dict[str, Any]) -> str:
+    """The two runs side by side: ms per call on 1 and 2 threads, each library's 2t / 1t
+    (same-process, per-round medians), and anybn / PyTorch on 2 threads (across processes)."""
+    lo, hi = (str(n) for n in (anybn["threads"][0], anybn["threads"][-1]))
+    lines = [f"{'case':28s} {'anybn ' + lo + 't':>9s} {'anybn ' + hi + 't':>9s} {hi + 't/' + lo + 't':>6s} "
+             f"{'torch ' + lo + 't':>9s} {'torch ' + hi + 't':>9s} {hi + 't/' + lo + 't':>6s} "
+             f"{'anybn/torch ' + hi + 't':>15s}"]
+    for key in torch["ratio"]:
+        left = "{:9s} {:9s} {:6s}".format("-", "-", "-")
+        versus = "-"
+        if key in anybn["ratio"]:
+            left = f"{anybn['ms'][lo][key]:9.3f} {anybn['ms'][hi][key]:9.3f} {anybn['ratio'][key]:6.2f}"
+            versus = f"{anybn['ms'][hi][key] / torch['ms'][hi][key]:.2f}"
+        lines.append(f"{key:28s} {left} {torch['ms'][lo][key]:9.3f} {torch['ms'][hi][key]:9.3f} "
+                     f"{torch['ratio'][key]:6.2f} {versus:>15s}")
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) == 4 and args[0] == "run":
-        with open(args[3], "w") as f:
-            json.dump(measure(args[1], int(args[2])), f)
+    if len(args) == 3 and args[0] == "run":
+        with open(args[2], "w") as f:
+            json.dump(measure(args[1]), f)
         return 0
-    if len(args) == 5 and args[0] == "table":
+    if len(args) == 3 and args[0] == "table":
         runs = []
         for path in args[1:]:
             with open(path) as f:
@@ -127,10 +171,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args == ["all"]:
         with tempfile.TemporaryDirectory() as tmp:
             paths = []
-            for library, threads in (("anybn", 1), ("anybn", 2), ("torch", 1), ("torch", 2)):
-                path = os.path.join(tmp, f"{library}{threads}.json")
-                subprocess.run([sys.executable, "-m", "anybn.bench.threads", "run", library, str(threads), path],
-                               check=True)
+            for library in ("anybn", "torch"):
+                path = os.path.join(tmp, f"{library}.json")
+                subprocess.run([sys.executable, "-m", "anybn.bench.threads", "run", library, path], check=True)
                 paths.append(path)
             return main(["table", *paths])
     print(__doc__, file=sys.stderr)
