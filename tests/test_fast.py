@@ -446,6 +446,29 @@ def test_numba_pool_and_python_threads_give_the_same_bits(monkeypatch, shape, ax
         np.testing.assert_array_equal(pooled[key], threaded[key], err_msg=key)
 
 
+def test_parts_are_claimed_once_each_on_numbas_pool():
+    """The parallel passes' threads claim parts from a shared counter: every part is summed
+    exactly once (a part taken twice would double its sums, one skipped leave zeros), into
+    its own row, with the bits of the same part summed on the calling thread."""
+    import numba
+
+    from anybn._fast import _cpu_kernels as k
+
+    counter = np.zeros(1, np.int64)
+    assert [k._claim_py(counter) for _ in range(3)] == [0, 1, 2] and counter[0] == 3
+    x, _, _, _ = _data((997, 37), 1, np.float32, offset=3.0)
+    pivot = x[0].astype(np.float64)
+    for parts in (1, 2, 13, 40):
+        numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+        partial = np.zeros((parts, 2, 37 + 8))
+        k.moments_rows_par(x, pivot, parts, partial)
+        for p in range(parts):
+            s1, s2 = np.zeros(37), np.zeros(37)
+            k.moments_rows(x, pivot, 997 * p // parts, 997 * (p + 1) // parts, s1, s2)
+            np.testing.assert_array_equal(partial[p, 0, :37], s1)
+            np.testing.assert_array_equal(partial[p, 1, :37], s2)
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
 def test_a_forked_child_keeps_working():
     """GNU OpenMP aborts a forked child that launches parallel work: the child of a process

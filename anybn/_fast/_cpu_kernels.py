@@ -31,6 +31,9 @@ from __future__ import annotations
 
 import numba as nb
 import numpy as np
+from llvmlite import ir
+from numba.core import types
+from numba.extending import intrinsic
 
 from . import _stream as streaming
 
@@ -837,6 +840,33 @@ def grad_input_rows_range(x, dy, pivot, coef, act, zp, zs, zt, stream, lo, hi, d
 # taken by the workers of numba's threading layer (OpenMP where available, whose workers
 # spin briefly between passes instead of sleeping). Handing each range to a Python thread
 # pool cost ~80 us per pass on 2-core VMs, more than a pass over 16 MiB takes.
+#
+# numba hands out prange iterations statically (on OpenMP, thread t takes the t-th block of
+# iterations whatever numba's parallel chunk size; checked with get_thread_id), so a prange
+# over the parts gave each thread a fixed half, and a core slowed by another process held
+# up the whole pass. Here every prange iteration claims parts from a shared counter (an
+# atomic add) until none are left: each thread's first iteration takes parts in turn with
+# the other threads', its later iterations find none, and a slowed thread takes fewer parts.
+# (The prange stays over the parts: ``numba.get_num_threads()`` in compiled code would keep
+# the function out of numba's on-disk cache.) Each part's sums stay in its own row of
+# ``partial``, merged in part order, so the results do not depend on which thread took
+# which part.
+
+
+@intrinsic
+def _claim(typingctx, counter):  # type: ignore[no-untyped-def]
+    """The value of ``counter[0]`` (an int64 array), incremented atomically: the next part."""
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        array = context.make_array(signature.args[0])(context, builder, args[0])
+        return builder.atomic_rmw("add", array.data, ir.Constant(ir.IntType(64), 1), "monotonic")
+
+    return types.int64(counter), codegen
+
+
+@nb.njit(cache=True)
+def _claim_py(counter):  # pragma: no cover - compiled
+    """``_claim`` callable from Python (for the tests)."""
+    return _claim(counter)
 
 # prange loops only: NumPy calls in these functions (zeros, astype) stay serial calls
 _PRANGE_ONLY = {"comprehension": False, "reduction": False, "inplace_binop": False, "setitem": False,
@@ -854,120 +884,176 @@ def moments_rows_par(x, pivot, parts, partial):  # pragma: no cover - compiled
     """partial[p, 0, :C], partial[p, 1, :C] = the sums of ``moments_rows`` over range p of
     ``parts``; partial is (parts, 2, >= C), C-contiguous, so that its slices are too."""
     units, features = x.shape[0], x.shape[1]
-    for p in nb.prange(parts):
-        moments_rows(x, pivot, units * p // parts, units * (p + 1) // parts, partial[p, 0, :features],
-                     partial[p, 1, :features])
+    claim = np.zeros(1, dtype=np.int64)
+    for _ in nb.prange(parts):
+        p = _claim(claim)
+        while p < parts:
+            moments_rows(x, pivot, units * p // parts, units * (p + 1) // parts, partial[p, 0, :features],
+                         partial[p, 1, :features])
+            p = _claim(claim)
 
 
 @_parallel
 def moments_planes_par(x, pivot, parts, partial):  # pragma: no cover - compiled
     """As ``moments_rows_par`` with ``moments_planes``."""
     units, features = x.shape[0] * x.shape[1], x.shape[1]
-    for p in nb.prange(parts):
-        moments_planes(x, pivot, units * p // parts, units * (p + 1) // parts, partial[p, 0, :features],
-                       partial[p, 1, :features])
+    claim = np.zeros(1, dtype=np.int64)
+    for _ in nb.prange(parts):
+        p = _claim(claim)
+        while p < parts:
+            moments_planes(x, pivot, units * p // parts, units * (p + 1) // parts, partial[p, 0, :features],
+                           partial[p, 1, :features])
+            p = _claim(claim)
 
 
 @_parallel
 def grad_sums_rows_par(x, dy, pivot, parts, partial):  # pragma: no cover - compiled
     """As ``moments_rows_par`` with ``grad_sums_rows``."""
     units, features = x.shape[0], x.shape[1]
-    for p in nb.prange(parts):
-        grad_sums_rows(x, dy, pivot, units * p // parts, units * (p + 1) // parts, partial[p, 0, :features],
-                       partial[p, 1, :features])
+    claim = np.zeros(1, dtype=np.int64)
+    for _ in nb.prange(parts):
+        p = _claim(claim)
+        while p < parts:
+            grad_sums_rows(x, dy, pivot, units * p // parts, units * (p + 1) // parts, partial[p, 0, :features],
+                           partial[p, 1, :features])
+            p = _claim(claim)
 
 
 @_parallel
 def grad_sums_planes_par(x, dy, pivot, parts, partial):  # pragma: no cover - compiled
     """As ``moments_rows_par`` with ``grad_sums_planes``."""
     units, features = x.shape[0] * x.shape[1], x.shape[1]
-    for p in nb.prange(parts):
-        grad_sums_planes(x, dy, pivot, units * p // parts, units * (p + 1) // parts, partial[p, 0, :features],
-                         partial[p, 1, :features])
+    claim = np.zeros(1, dtype=np.int64)
+    for _ in nb.prange(parts):
+        p = _claim(claim)
+        while p < parts:
+            grad_sums_planes(x, dy, pivot, units * p // parts, units * (p + 1) // parts, partial[p, 0, :features],
+                             partial[p, 1, :features])
+            p = _claim(claim)
 
 
 @_parallel
 def affine_rows_par(x, pivot, scale, shift, parts, y):  # pragma: no cover - compiled
     """``affine_rows`` over all rows, in ``parts`` ranges across threads."""
     units = x.shape[0]
-    for p in nb.prange(parts):
-        affine_rows(x, pivot, scale, shift, units * p // parts, units * (p + 1) // parts, y)
+    claim = np.zeros(1, dtype=np.int64)
+    for _ in nb.prange(parts):
+        p = _claim(claim)
+        while p < parts:
+            affine_rows(x, pivot, scale, shift, units * p // parts, units * (p + 1) // parts, y)
+            p = _claim(claim)
 
 
 @_parallel
 def affine_planes_par(x, pivot, scale, shift, parts, y):  # pragma: no cover - compiled
     """``affine_planes`` over all planes, in ``parts`` ranges across threads."""
     units = x.shape[0] * x.shape[1]
-    for p in nb.prange(parts):
-        affine_planes(x, pivot, scale, shift, units * p // parts, units * (p + 1) // parts, y)
+    claim = np.zeros(1, dtype=np.int64)
+    for _ in nb.prange(parts):
+        p = _claim(claim)
+        while p < parts:
+            affine_planes(x, pivot, scale, shift, units * p // parts, units * (p + 1) // parts, y)
+            p = _claim(claim)
 
 
 @_parallel
 def grad_input_rows_par(x, dy, pivot, a, b, k, parts, dx):  # pragma: no cover - compiled
     """``grad_input_rows`` over all rows, in ``parts`` ranges across threads."""
     units = x.shape[0]
-    for p in nb.prange(parts):
-        grad_input_rows(x, dy, pivot, a, b, k, units * p // parts, units * (p + 1) // parts, dx)
+    claim = np.zeros(1, dtype=np.int64)
+    for _ in nb.prange(parts):
+        p = _claim(claim)
+        while p < parts:
+            grad_input_rows(x, dy, pivot, a, b, k, units * p // parts, units * (p + 1) // parts, dx)
+            p = _claim(claim)
 
 
 @_parallel
 def grad_input_planes_par(x, dy, pivot, a, b, k, parts, dx):  # pragma: no cover - compiled
     """``grad_input_planes`` over all planes, in ``parts`` ranges across threads."""
     units = x.shape[0] * x.shape[1]
-    for p in nb.prange(parts):
-        grad_input_planes(x, dy, pivot, a, b, k, units * p // parts, units * (p + 1) // parts, dx)
+    claim = np.zeros(1, dtype=np.int64)
+    for _ in nb.prange(parts):
+        p = _claim(claim)
+        while p < parts:
+            grad_input_planes(x, dy, pivot, a, b, k, units * p // parts, units * (p + 1) // parts, dx)
+            p = _claim(claim)
 
 
 @_parallel
 def affine_act_rows_par(x, pivot, scale, shift, res, act, parts, y):  # pragma: no cover - compiled
     """``affine_act_rows`` over all rows, in ``parts`` ranges across threads."""
     units = x.shape[0]
-    for p in nb.prange(parts):
-        affine_act_rows(x, pivot, scale, shift, res, act, units * p // parts, units * (p + 1) // parts, y)
+    claim = np.zeros(1, dtype=np.int64)
+    for _ in nb.prange(parts):
+        p = _claim(claim)
+        while p < parts:
+            affine_act_rows(x, pivot, scale, shift, res, act, units * p // parts, units * (p + 1) // parts, y)
+            p = _claim(claim)
 
 
 @_parallel
 def affine_act_planes_par(x, pivot, scale, shift, res, act, parts, y):  # pragma: no cover - compiled
     """``affine_act_planes`` over all planes, in ``parts`` ranges across threads."""
     units = x.shape[0] * x.shape[1]
-    for p in nb.prange(parts):
-        affine_act_planes(x, pivot, scale, shift, res, act, units * p // parts, units * (p + 1) // parts, y)
+    claim = np.zeros(1, dtype=np.int64)
+    for _ in nb.prange(parts):
+        p = _claim(claim)
+        while p < parts:
+            affine_act_planes(x, pivot, scale, shift, res, act, units * p // parts, units * (p + 1) // parts, y)
+            p = _claim(claim)
 
 
 @_parallel
 def grad_sums_act_rows_par(x, dy, pivot, zp, zs, zt, res, act, parts, partial):  # pragma: no cover - compiled
     """partial[p] = the sums of ``grad_sums_act_rows`` over range p of ``parts``."""
     units, features = x.shape[0], x.shape[1]
-    for p in nb.prange(parts):
-        grad_sums_act_rows(x, dy, pivot, zp, zs, zt, res, act, units * p // parts, units * (p + 1) // parts,
-                           partial[p, 0, :features], partial[p, 1, :features])
+    claim = np.zeros(1, dtype=np.int64)
+    for _ in nb.prange(parts):
+        p = _claim(claim)
+        while p < parts:
+            grad_sums_act_rows(x, dy, pivot, zp, zs, zt, res, act, units * p // parts, units * (p + 1) // parts,
+                               partial[p, 0, :features], partial[p, 1, :features])
+            p = _claim(claim)
 
 
 @_parallel
 def grad_sums_act_planes_par(x, dy, pivot, zp, zs, zt, res, act, parts, partial):  # pragma: no cover - compiled
     """partial[p] = the sums of ``grad_sums_act_planes`` over range p of ``parts``."""
     units, features = x.shape[0] * x.shape[1], x.shape[1]
-    for p in nb.prange(parts):
-        grad_sums_act_planes(x, dy, pivot, zp, zs, zt, res, act, units * p // parts, units * (p + 1) // parts,
-                             partial[p, 0, :features], partial[p, 1, :features])
+    claim = np.zeros(1, dtype=np.int64)
+    for _ in nb.prange(parts):
+        p = _claim(claim)
+        while p < parts:
+            grad_sums_act_planes(x, dy, pivot, zp, zs, zt, res, act, units * p // parts, units * (p + 1) // parts,
+                                 partial[p, 0, :features], partial[p, 1, :features])
+            p = _claim(claim)
 
 
 @_parallel
 def grad_input_act_rows_par(x, dy, pivot, a, b, k, zp, zs, zt, res, act, parts, dx, dres):  # pragma: no cover
     """``grad_input_act_rows`` over all rows, in ``parts`` ranges across threads."""
     units = x.shape[0]
-    for p in nb.prange(parts):
-        grad_input_act_rows(x, dy, pivot, a, b, k, zp, zs, zt, res, act, units * p // parts,
-                            units * (p + 1) // parts, dx, dres)
+    claim = np.zeros(1, dtype=np.int64)
+    for _ in nb.prange(parts):
+        p = _claim(claim)
+        while p < parts:
+            grad_input_act_rows(x, dy, pivot, a, b, k, zp, zs, zt, res, act, units * p // parts,
+                                units * (p + 1) // parts, dx, dres)
+            p = _claim(claim)
 
 
 @_parallel
 def grad_input_act_planes_par(x, dy, pivot, a, b, k, zp, zs, zt, res, act, parts, dx, dres):  # pragma: no cover
     """``grad_input_act_planes`` over all planes, in ``parts`` ranges across threads."""
     units = x.shape[0] * x.shape[1]
-    for p in nb.prange(parts):
-        grad_input_act_planes(x, dy, pivot, a, b, k, zp, zs, zt, res, act, units * p // parts,
-                              units * (p + 1) // parts, dx, dres)
+    claim = np.zeros(1, dtype=np.int64)
+    for _ in nb.prange(parts):
+        p = _claim(claim)
+        while p < parts:
+            grad_input_act_planes(x, dy, pivot, a, b, k, zp, zs, zt, res, act, units * p // parts,
+                                  units * (p + 1) // parts, dx, dres)
+            p = _claim(claim)
 
 
 # ------------------------------------------------------------- whole steps across threads
@@ -979,9 +1065,13 @@ def grad_input_act_planes_par(x, dy, pivot, a, b, k, zp, zs, zt, res, act, parts
 def train_planes_whole_par(x, eps, weight, bias, act, stream, parts, y, coef):  # pragma: no cover - compiled
     """``train_planes_whole`` with its ``parts`` groups of features across threads."""
     features = x.shape[1]
-    for p in nb.prange(parts):
-        train_planes_features(x, eps, weight, bias, act, stream, features * p // parts,
-                              features * (p + 1) // parts, y, coef)
+    claim = np.zeros(1, dtype=np.int64)
+    for _ in nb.prange(parts):
+        p = _claim(claim)
+        while p < parts:
+            train_planes_features(x, eps, weight, bias, act, stream, features * p // parts,
+                                  features * (p + 1) // parts, y, coef)
+            p = _claim(claim)
 
 
 @_parallel
@@ -989,9 +1079,13 @@ def backward_planes_whole_par(x, dy, pivot, invstd, weight, delta, batch_stats, 
                               dx, coef):  # pragma: no cover - compiled
     """``backward_planes_whole`` with its ``parts`` groups of features across threads."""
     features = x.shape[1]
-    for p in nb.prange(parts):
-        backward_planes_features(x, dy, pivot, invstd, weight, delta, batch_stats, act, zp, zs, zt, stream,
-                                 features * p // parts, features * (p + 1) // parts, dx, coef)
+    claim = np.zeros(1, dtype=np.int64)
+    for _ in nb.prange(parts):
+        p = _claim(claim)
+        while p < parts:
+            backward_planes_features(x, dy, pivot, invstd, weight, delta, batch_stats, act, zp, zs, zt, stream,
+                                     features * p // parts, features * (p + 1) // parts, dx, coef)
+            p = _claim(claim)
 
 
 @_parallel
@@ -1000,17 +1094,29 @@ def train_rows_whole_par(x, eps, weight, bias, act, stream, parts, y, coef):  # 
     units, features = x.shape[0], x.shape[1]
     first = x[0].astype(np.float64)
     partial = np.zeros((parts, 2, features + 8))
-    for p in nb.prange(parts):
-        moments_rows(x, first, units * p // parts, units * (p + 1) // parts, partial[p, 0, :features],
-                     partial[p, 1, :features])
+    claim = np.zeros(1, dtype=np.int64)
+    for _ in nb.prange(parts):
+        p = _claim(claim)
+        while p < parts:
+            moments_rows(x, first, units * p // parts, units * (p + 1) // parts, partial[p, 0, :features],
+                         partial[p, 1, :features])
+            p = _claim(claim)
     if not _all_finite(partial, features):  # blocked sums overflowed: float64 throughout
         partial[:] = 0
-        for p in nb.prange(parts):
-            moments_rows64(x, first, units * p // parts, units * (p + 1) // parts, partial[p, 0, :features],
-                           partial[p, 1, :features])
+        claim = np.zeros(1, dtype=np.int64)
+        for _ in nb.prange(parts):
+            p = _claim(claim)
+            while p < parts:
+                moments_rows64(x, first, units * p // parts, units * (p + 1) // parts, partial[p, 0, :features],
+                               partial[p, 1, :features])
+                p = _claim(claim)
     train_coefficients(partial, first, units, eps, weight, bias, coef)
-    for p in nb.prange(parts):
-        _apply_rows(x, coef, act, stream, units * p // parts, units * (p + 1) // parts, y)
+    claim = np.zeros(1, dtype=np.int64)
+    for _ in nb.prange(parts):
+        p = _claim(claim)
+        while p < parts:
+            _apply_rows(x, coef, act, stream, units * p // parts, units * (p + 1) // parts, y)
+            p = _claim(claim)
 
 
 @_parallel
@@ -1020,18 +1126,30 @@ def backward_rows_whole_par(x, dy, pivot, invstd, weight, delta, batch_stats, ac
     units, features = x.shape[0], x.shape[1]
     p64 = pivot.astype(np.float64)
     partial = np.zeros((parts, 2, features + 8))
-    for p in nb.prange(parts):
-        _grad_sums_rows_any(x, dy, p64, act, zp, zs, zt, units * p // parts, units * (p + 1) // parts,
-                            partial[p, 0, :features], partial[p, 1, :features])
+    claim = np.zeros(1, dtype=np.int64)
+    for _ in nb.prange(parts):
+        p = _claim(claim)
+        while p < parts:
+            _grad_sums_rows_any(x, dy, p64, act, zp, zs, zt, units * p // parts, units * (p + 1) // parts,
+                                partial[p, 0, :features], partial[p, 1, :features])
+            p = _claim(claim)
     if act == 0 and not _all_finite(partial, features):  # blocked sums overflowed: float64 throughout
         partial[:] = 0
-        for p in nb.prange(parts):
-            grad_sums_rows64(x, dy, p64, units * p // parts, units * (p + 1) // parts, partial[p, 0, :features],
-                             partial[p, 1, :features])
+        claim = np.zeros(1, dtype=np.int64)
+        for _ in nb.prange(parts):
+            p = _claim(claim)
+            while p < parts:
+                grad_sums_rows64(x, dy, p64, units * p // parts, units * (p + 1) // parts, partial[p, 0, :features],
+                                 partial[p, 1, :features])
+                p = _claim(claim)
     backward_coefficients(partial, invstd, weight, delta, units, batch_stats, coef)
-    for p in nb.prange(parts):
-        _grad_input_rows_any(x, dy, pivot, coef, act, zp, zs, zt, stream, units * p // parts,
-                             units * (p + 1) // parts, dx)
+    claim = np.zeros(1, dtype=np.int64)
+    for _ in nb.prange(parts):
+        p = _claim(claim)
+        while p < parts:
+            _grad_input_rows_any(x, dy, pivot, coef, act, zp, zs, zt, stream, units * p // parts,
+                                 units * (p + 1) // parts, dx)
+            p = _claim(claim)
 
 
 @_parallel
@@ -1039,8 +1157,12 @@ def eval_rows_whole_par(x, mean, var, eps, weight, bias, act, stream, parts, y, 
     """``eval_rows_whole`` with the pass in ``parts`` ranges of rows across threads."""
     units = x.shape[0]
     eval_coefficients(mean, var, eps, weight, bias, coef)
-    for p in nb.prange(parts):
-        _apply_rows(x, coef, act, stream, units * p // parts, units * (p + 1) // parts, y)
+    claim = np.zeros(1, dtype=np.int64)
+    for _ in nb.prange(parts):
+        p = _claim(claim)
+        while p < parts:
+            _apply_rows(x, coef, act, stream, units * p // parts, units * (p + 1) // parts, y)
+            p = _claim(claim)
 
 
 @_parallel
@@ -1048,5 +1170,9 @@ def eval_planes_whole_par(x, mean, var, eps, weight, bias, act, stream, parts, y
     """``eval_planes_whole`` with the pass in ``parts`` ranges of planes across threads."""
     units = x.shape[0] * x.shape[1]
     eval_coefficients(mean, var, eps, weight, bias, coef)
-    for p in nb.prange(parts):
-        _apply_planes(x, coef, act, stream, units * p // parts, units * (p + 1) // parts, y)
+    claim = np.zeros(1, dtype=np.int64)
+    for _ in nb.prange(parts):
+        p = _claim(claim)
+        while p < parts:
+            _apply_planes(x, coef, act, stream, units * p // parts, units * (p + 1) // parts, y)
+            p = _claim(claim)

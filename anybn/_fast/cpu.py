@@ -67,9 +67,10 @@ _PARALLEL_MIN_BYTES = 1 << 19
 # 1.13 at 4 MiB, 0.67 / 0.57 / 0.72 at 8 MiB (spinning workers: 0.71 / 0.63 / 0.83 at 1 MiB).
 _PASSIVE_MIN_BYTES = 1 << 23
 
-# Ranges per thread: taken in turn, so that a core shared with another process slows a
-# pass by a fraction of a range rather than by half the work. Each costs ~5 us and, for
-# the sums, 16 bytes per feature.
+# Ranges per thread: claimed in turn, on numba's pool as on Python threads (see
+# ``_cpu_kernels._claim``), so that a core shared with another process slows a pass by a
+# fraction of a range rather than by half the work. Each costs ~5 us and, for the sums, 16
+# bytes per feature.
 _RANGES_PER_THREAD = 4
 
 # Planes training steps go by groups of features of about this many bytes of x (and dy), so
