@@ -8,7 +8,7 @@ competes with itself, and within that process alternates the thread counts round
 (1 then 2, then 2 then 1, ...), so that the 2-thread / 1-thread ratio is a same-process,
 same-minute comparison: the median over rounds of each round's ratio. (Timing each thread
 count in a process of its own let the machine's drift between processes into the ratio:
-0.37 to 1.09 on cases whose same-process ratio is steady.)
+0.30 to 1.09 on cases whose same-process ratio stays within 0.56 to 0.90.)
 
     python -m anybn.bench.threads run anybn a.json
     python -m anybn.bench.threads run torch t.json
