@@ -856,6 +856,9 @@ def grad_input_rows_range(x, dy, pivot, coef, act, zp, zs, zt, stream, lo, hi, d
 @intrinsic
 def _claim(typingctx, counter):  # type: ignore[no-untyped-def]
     """The value of ``counter[0]`` (an int64 array), incremented atomically: the next part."""
+    if not (isinstance(counter, types.Array) and counter.dtype == types.int64):
+        return None  # no match: numba reports a typing error
+
     def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
         array = context.make_array(signature.args[0])(context, builder, args[0])
         return builder.atomic_rmw("add", array.data, ir.Constant(ir.IntType(64), 1), "monotonic")

@@ -201,6 +201,7 @@ class CudaPath:
         x, dy : cupy.ndarray, C-contiguous, same float dtype, shape ``layout.shape``
         layout : anybn._namespace.Layout
         pivot, a, b, k : cupy.ndarray, shape (C,), float64
+            ``a`` and ``b`` None for fixed statistics: ``dx = k * dy'``, no term in x.
         activation, scale, shift, residual, z_pivot : as for ``grad_sums``
 
         Returns
