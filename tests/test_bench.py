@@ -594,3 +594,25 @@ def test_pooled_rows_take_the_statistics_of_all_their_samples():
 def test_repeats_needs_separate(capsys):
     assert cli.main(["bench", "--repeats", "2", "--shapes", "8x3", "--backend", "numpy-generic"]) == 2
     assert "--repeats needs --separate" in capsys.readouterr().err
+
+
+def test_spin_replaces_the_passive_wait_policy_in_one_process(capsys):
+    """--spin N: the one-process mode lets the OpenMP workers spin N rounds (GOMP_SPINCOUNT)
+    instead of sleeping (OMP_WAIT_POLICY=PASSIVE); not with --separate, which leaves both alone."""
+    assert bench_cli._wait_settings(None) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert bench_cli._wait_settings(10000) == {"GOMP_SPINCOUNT": "10000"}
+    assert cli.main(["bench", "--separate", "--spin", "10000", "--shapes", "8x3", "--backend", "numpy-generic"]) == 2
+    assert "--spin is for the one-process mode" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--spin", "0"])
+    assert "error" in capsys.readouterr().err
+    # in a fresh process (libgomp reads the variables when it loads): recorded in the report
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    done = subprocess.run([sys.executable, "-m", "anybn", "bench", "--spin", "10000", "--json", "--no-progress",
+                           "--rounds", "2", "--shapes", "8x3", "--ops", "eval", "--backend", "numpy-fast"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert report["environment"]["gomp_spincount"] == "10000"
+    assert report["environment"]["omp_wait_policy"] is None
+    assert "GOMP_SPINCOUNT=10000, " in bench_cli.table(report).splitlines()[0]

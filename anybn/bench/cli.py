@@ -111,6 +111,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="with --separate: run each backend's process this many times, the backends' "
                              "order reversed each time, and pool the samples of a row's processes (a machine "
                              "that drifts between processes then drifts for every side alike; default 1)")
+    parser.add_argument("--spin", type=_positive, default=None, metavar="N",
+                        help="one-process mode only: instead of OMP_WAIT_POLICY=PASSIVE, let the OpenMP "
+                             "workers of both libraries spin N rounds after each parallel region before they "
+                             "sleep (GOMP_SPINCOUNT=N; 10000 is some tens of microseconds): awake within a "
+                             "timed sample, out of the other library's way between samples")
     parser.add_argument("--sweep", action="store_true",
                         help="the size sweep: float32 NCHW x from 64 KiB to 512 MiB (replaces --shapes; "
                              "backends numpy-fast and torch unless --backend is given); plot it with "
@@ -134,6 +139,7 @@ def _environment(threads: int) -> dict[str, Any]:
         "threads": threads,
         "malloc_thresholds": "MALLOC_MMAP_THRESHOLD_" in os.environ,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
         "versions": versions,
     }
 
@@ -286,7 +292,8 @@ def table(report: dict[str, Any]) -> str:
     lines = [
         f"anybn {report['anybn']} bench: {report['dtype']}, medians of {report['rounds']} interleaved "
         f"rounds, {env['threads']} threads, OMP_WAIT_POLICY={env.get('omp_wait_policy') or 'unset'}, "
-        f"glibc malloc thresholds {'set' if env.get('malloc_thresholds') else 'unset'}",
+        + (f"GOMP_SPINCOUNT={env['gomp_spincount']}, " if env.get("gomp_spincount") else "")
+        + f"glibc malloc thresholds {'set' if env.get('malloc_thresholds') else 'unset'}",
         "ms: per call; GB/s: minimal traffic (train 3x, eval 2x, backward 5x the bytes of x); "
         "% copy: of the copy line's GB/s; spread: (75th - 25th percentile) / median of the rounds; "
         "/ torch: time over PyTorch's",
@@ -428,6 +435,14 @@ def _pooled(rows: list[dict[str, Any]], key: tuple[str, ...]) -> list[dict[str, 
     return list(merged.values())
 
 
+def _wait_settings(spin: int | None) -> dict[str, str]:
+    """The OpenMP settings of the one-process mode: sleeping workers (``PASSIVE``), or with
+    ``spin`` workers that spin that many rounds after each region (``GOMP_SPINCOUNT``)."""
+    if spin is None:
+        return {"OMP_WAIT_POLICY": "PASSIVE"}
+    return {"GOMP_SPINCOUNT": str(spin)}
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark the parsed ``args`` ask for; 1 when an anybn backend got a wrong answer."""
     if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
@@ -438,8 +453,13 @@ def run(args: argparse.Namespace) -> int:
     # test catches them): make them sleep. libgomp reads this when torch loads; an
     # explicit setting is kept.
     separate = args.separate or os.environ.get(_SEPARATE_CHILD) == "1"
+    if args.spin is not None and separate:
+        print("anybn bench: --spin is for the one-process mode (--separate leaves the wait policy alone)",
+              file=sys.stderr)
+        return 2
     if "torch" not in sys.modules and not separate:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        for name, value in _wait_settings(args.spin).items():
+            os.environ.setdefault(name, value)
     shape_specs, backend_names = args.shapes, args.backend
     if args.sweep:
         shape_specs = list(shapes.SWEEP_SHAPES)
