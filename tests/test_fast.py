@@ -454,10 +454,13 @@ def test_parts_are_claimed_once_each_on_numbas_pool():
 
     from anybn._fast import _cpu_kernels as k
 
+    claim = numba.njit(lambda counter: k._claim(counter))
     counter = np.zeros(1, np.int64)
-    assert [k._claim_py(counter) for _ in range(3)] == [0, 1, 2] and counter[0] == 3
+    assert [claim(counter) for _ in range(3)] == [0, 1, 2] and counter[0] == 3
     with pytest.raises(numba.core.errors.TypingError):  # an int64 counter only
-        k._claim_py(np.zeros(1))
+        claim(np.zeros(1))
+    left = numba.njit(lambda counter, parts: [p for p in k._claimed(counter, parts)])
+    assert left(np.array([2], np.int64), 5) == [2, 3, 4]  # what is left, in turn
     x, _, _, _ = _data((997, 37), 1, np.float32, offset=3.0)
     pivot = x[0].astype(np.float64)
     for parts in (1, 2, 13, 40):

@@ -423,49 +423,14 @@ def grad_sums_act_planes(x, dy, pivot, zp, zs, zt, res, act, lo, hi, sum_dy, sum
         sum_dy_d[c] += a2
 
 
-@nb.njit(inline="always", fastmath=_FLAGS, error_model="numpy", boundscheck=False)
-def _grad_input_act_rows_fixed(x, dy, k, zp, zs, zt, res, act, lo, hi, dx, dres):  # pragma: no cover - compiled
-    """dx = k * dy', dres = dy' (where dres is not empty): fixed statistics, rows lo..hi."""
-    features, want_dres = x.shape[1], dres.shape[0] > 0
-    z = np.empty(features, dtype=x.dtype)
-    g = np.empty(features, dtype=x.dtype)
-    for r in range(lo, hi):
-        _row_grad(x, dy, zp, zs, zt, res, act, r, z, g)
-        for c in range(features):
-            dx[r, c] = k[c] * g[c]
-        if want_dres:
-            for c in range(features):
-                dres[r, c] = g[c]
-
-
-@nb.njit(inline="always", fastmath=_FLAGS, error_model="numpy", boundscheck=False)
-def _grad_input_act_planes_fixed(x, dy, k, zp, zs, zt, res, act, lo, hi, dx, dres):  # pragma: no cover
-    """As ``_grad_input_act_rows_fixed`` for (N, C, L), over planes lo..hi."""
-    features, inner, has_res, want_dres = x.shape[1], x.shape[2], res.shape[0] > 0, dres.shape[0] > 0
-    for p in range(lo, hi):
-        n, c = divmod(p, features)
-        kc, zpc, zsc, ztc = k[c], zp[c], zs[c], zt[c]
-        for i in range(inner):
-            z = (x[n, c, i] - zpc) * zsc + ztc
-            if has_res:
-                z += res[n, c, i]
-            g = _act_grad(dy[n, c, i], z, act)
-            dx[n, c, i] = kc * g
-            if want_dres:
-                dres[n, c, i] = g
-
-
 @_kernel
 def grad_input_act_rows(x, dy, pivot, a, b, k, zp, zs, zt, res, act, lo, hi, dx, dres):  # pragma: no cover
     """dx = k * (dy' + a * (x - pivot) + b), and dres = dy' where dres is not empty.
 
     An empty ``a`` stands for fixed statistics: dx = k * dy', with no term in x, so that an
     infinite or NaN x gives what PyTorch gives (0 * inf would be NaN)."""
-    features, want_dres = x.shape[1], dres.shape[0] > 0
-    if a.shape[0] == 0:
-        _grad_input_act_rows_fixed(x, dy, k, zp, zs, zt, res, act, lo, hi, dx, dres)
-        return
-    if act == 1 and res.shape[0] == 0 and not want_dres:  # BN + ReLU: one vectorized loop
+    features, want_dres, fixed = x.shape[1], dres.shape[0] > 0, a.shape[0] == 0
+    if act == 1 and res.shape[0] == 0 and not want_dres and not fixed:  # BN + ReLU: one vectorized loop
         r = lo
         if features >= _WIDE:  # four rows per sweep: the seven per-feature loads once for four rows
             while r + 4 <= hi:  # (4096 x 1024 float32, 2 threads: 1.55 -> 1.29 ms)
@@ -484,8 +449,12 @@ def grad_input_act_rows(x, dy, pivot, a, b, k, zp, zs, zt, res, act, lo, hi, dx,
     g = np.empty(features, dtype=x.dtype)
     for r in range(lo, hi):
         _row_grad(x, dy, zp, zs, zt, res, act, r, z, g)
-        for c in range(features):
-            dx[r, c] = k[c] * (g[c] + a[c] * (x[r, c] - pivot[c]) + b[c])
+        if fixed:
+            for c in range(features):
+                dx[r, c] = k[c] * g[c]
+        else:
+            for c in range(features):
+                dx[r, c] = k[c] * (g[c] + a[c] * (x[r, c] - pivot[c]) + b[c])
         if want_dres:
             for c in range(features):
                 dres[r, c] = g[c]
@@ -495,8 +464,18 @@ def grad_input_act_rows(x, dy, pivot, a, b, k, zp, zs, zt, res, act, lo, hi, dx,
 def grad_input_act_planes(x, dy, pivot, a, b, k, zp, zs, zt, res, act, lo, hi, dx, dres):  # pragma: no cover
     """As ``grad_input_act_rows`` for (N, C, L), over planes lo..hi."""
     features, inner, has_res, want_dres = x.shape[1], x.shape[2], res.shape[0] > 0, dres.shape[0] > 0
-    if a.shape[0] == 0:
-        _grad_input_act_planes_fixed(x, dy, k, zp, zs, zt, res, act, lo, hi, dx, dres)
+    if a.shape[0] == 0:  # fixed statistics: dx = k * dy' (rare: one loop with its branches inside)
+        for p in range(lo, hi):
+            n, c = divmod(p, features)
+            kc, zpc, zsc, ztc = k[c], zp[c], zs[c], zt[c]
+            for i in range(inner):
+                z = (x[n, c, i] - zpc) * zsc + ztc
+                if has_res:
+                    z += res[n, c, i]
+                g = _act_grad(dy[n, c, i], z, act)
+                dx[n, c, i] = kc * g
+                if want_dres:
+                    dres[n, c, i] = g
         return
     for p in range(lo, hi):
         n, c = divmod(p, features)
@@ -866,10 +845,16 @@ def _claim(typingctx, counter):  # type: ignore[no-untyped-def]
     return types.int64(counter), codegen
 
 
-@nb.njit(cache=True)
-def _claim_py(counter):  # pragma: no cover - compiled
-    """``_claim`` callable from Python (for the tests)."""
-    return _claim(counter)
+@nb.njit
+def _claimed(claim, parts):  # pragma: no cover - compiled
+    """The parts this thread claims from ``claim`` (see above), until all ``parts`` are
+    taken. A generator: numba cannot inline it (a call per part), and it is not cached on its
+    own (a cached generator loaded into a fresh compilation failed with a KeyError); the
+    kernels that use it cache their code with it."""
+    p = _claim(claim)
+    while p < parts:
+        yield p
+        p = _claim(claim)
 
 # prange loops only: NumPy calls in these functions (zeros, astype) stay serial calls
 _PRANGE_ONLY = {"comprehension": False, "reduction": False, "inplace_binop": False, "setitem": False,
@@ -889,11 +874,9 @@ def moments_rows_par(x, pivot, parts, partial):  # pragma: no cover - compiled
     units, features = x.shape[0], x.shape[1]
     claim = np.zeros(1, dtype=np.int64)
     for _ in nb.prange(parts):
-        p = _claim(claim)
-        while p < parts:
+        for p in _claimed(claim, parts):
             moments_rows(x, pivot, units * p // parts, units * (p + 1) // parts, partial[p, 0, :features],
                          partial[p, 1, :features])
-            p = _claim(claim)
 
 
 @_parallel
@@ -902,11 +885,9 @@ def moments_planes_par(x, pivot, parts, partial):  # pragma: no cover - compiled
     units, features = x.shape[0] * x.shape[1], x.shape[1]
     claim = np.zeros(1, dtype=np.int64)
     for _ in nb.prange(parts):
-        p = _claim(claim)
-        while p < parts:
+        for p in _claimed(claim, parts):
             moments_planes(x, pivot, units * p // parts, units * (p + 1) // parts, partial[p, 0, :features],
                            partial[p, 1, :features])
-            p = _claim(claim)
 
 
 @_parallel
@@ -915,11 +896,9 @@ def grad_sums_rows_par(x, dy, pivot, parts, partial):  # pragma: no cover - comp
     units, features = x.shape[0], x.shape[1]
     claim = np.zeros(1, dtype=np.int64)
     for _ in nb.prange(parts):
-        p = _claim(claim)
-        while p < parts:
+        for p in _claimed(claim, parts):
             grad_sums_rows(x, dy, pivot, units * p // parts, units * (p + 1) // parts, partial[p, 0, :features],
                            partial[p, 1, :features])
-            p = _claim(claim)
 
 
 @_parallel
@@ -928,11 +907,9 @@ def grad_sums_planes_par(x, dy, pivot, parts, partial):  # pragma: no cover - co
     units, features = x.shape[0] * x.shape[1], x.shape[1]
     claim = np.zeros(1, dtype=np.int64)
     for _ in nb.prange(parts):
-        p = _claim(claim)
-        while p < parts:
+        for p in _claimed(claim, parts):
             grad_sums_planes(x, dy, pivot, units * p // parts, units * (p + 1) // parts, partial[p, 0, :features],
                              partial[p, 1, :features])
-            p = _claim(claim)
 
 
 @_parallel
@@ -941,10 +918,8 @@ def affine_rows_par(x, pivot, scale, shift, parts, y):  # pragma: no cover - com
     units = x.shape[0]
     claim = np.zeros(1, dtype=np.int64)
     for _ in nb.prange(parts):
-        p = _claim(claim)
-        while p < parts:
+        for p in _claimed(claim, parts):
             affine_rows(x, pivot, scale, shift, units * p // parts, units * (p + 1) // parts, y)
-            p = _claim(claim)
 
 
 @_parallel
@@ -953,10 +928,8 @@ def affine_planes_par(x, pivot, scale, shift, parts, y):  # pragma: no cover - c
     units = x.shape[0] * x.shape[1]
     claim = np.zeros(1, dtype=np.int64)
     for _ in nb.prange(parts):
-        p = _claim(claim)
-        while p < parts:
+        for p in _claimed(claim, parts):
             affine_planes(x, pivot, scale, shift, units * p // parts, units * (p + 1) // parts, y)
-            p = _claim(claim)
 
 
 @_parallel
@@ -965,10 +938,8 @@ def grad_input_rows_par(x, dy, pivot, a, b, k, parts, dx):  # pragma: no cover -
     units = x.shape[0]
     claim = np.zeros(1, dtype=np.int64)
     for _ in nb.prange(parts):
-        p = _claim(claim)
-        while p < parts:
+        for p in _claimed(claim, parts):
             grad_input_rows(x, dy, pivot, a, b, k, units * p // parts, units * (p + 1) // parts, dx)
-            p = _claim(claim)
 
 
 @_parallel
@@ -977,10 +948,8 @@ def grad_input_planes_par(x, dy, pivot, a, b, k, parts, dx):  # pragma: no cover
     units = x.shape[0] * x.shape[1]
     claim = np.zeros(1, dtype=np.int64)
     for _ in nb.prange(parts):
-        p = _claim(claim)
-        while p < parts:
+        for p in _claimed(claim, parts):
             grad_input_planes(x, dy, pivot, a, b, k, units * p // parts, units * (p + 1) // parts, dx)
-            p = _claim(claim)
 
 
 @_parallel
@@ -989,10 +958,8 @@ def affine_act_rows_par(x, pivot, scale, shift, res, act, parts, y):  # pragma: 
     units = x.shape[0]
     claim = np.zeros(1, dtype=np.int64)
     for _ in nb.prange(parts):
-        p = _claim(claim)
-        while p < parts:
+        for p in _claimed(claim, parts):
             affine_act_rows(x, pivot, scale, shift, res, act, units * p // parts, units * (p + 1) // parts, y)
-            p = _claim(claim)
 
 
 @_parallel
@@ -1001,10 +968,8 @@ def affine_act_planes_par(x, pivot, scale, shift, res, act, parts, y):  # pragma
     units = x.shape[0] * x.shape[1]
     claim = np.zeros(1, dtype=np.int64)
     for _ in nb.prange(parts):
-        p = _claim(claim)
-        while p < parts:
+        for p in _claimed(claim, parts):
             affine_act_planes(x, pivot, scale, shift, res, act, units * p // parts, units * (p + 1) // parts, y)
-            p = _claim(claim)
 
 
 @_parallel
@@ -1013,11 +978,9 @@ def grad_sums_act_rows_par(x, dy, pivot, zp, zs, zt, res, act, parts, partial): 
     units, features = x.shape[0], x.shape[1]
     claim = np.zeros(1, dtype=np.int64)
     for _ in nb.prange(parts):
-        p = _claim(claim)
-        while p < parts:
+        for p in _claimed(claim, parts):
             grad_sums_act_rows(x, dy, pivot, zp, zs, zt, res, act, units * p // parts, units * (p + 1) // parts,
                                partial[p, 0, :features], partial[p, 1, :features])
-            p = _claim(claim)
 
 
 @_parallel
@@ -1026,11 +989,9 @@ def grad_sums_act_planes_par(x, dy, pivot, zp, zs, zt, res, act, parts, partial)
     units, features = x.shape[0] * x.shape[1], x.shape[1]
     claim = np.zeros(1, dtype=np.int64)
     for _ in nb.prange(parts):
-        p = _claim(claim)
-        while p < parts:
+        for p in _claimed(claim, parts):
             grad_sums_act_planes(x, dy, pivot, zp, zs, zt, res, act, units * p // parts, units * (p + 1) // parts,
                                  partial[p, 0, :features], partial[p, 1, :features])
-            p = _claim(claim)
 
 
 @_parallel
@@ -1039,11 +1000,9 @@ def grad_input_act_rows_par(x, dy, pivot, a, b, k, zp, zs, zt, res, act, parts, 
     units = x.shape[0]
     claim = np.zeros(1, dtype=np.int64)
     for _ in nb.prange(parts):
-        p = _claim(claim)
-        while p < parts:
+        for p in _claimed(claim, parts):
             grad_input_act_rows(x, dy, pivot, a, b, k, zp, zs, zt, res, act, units * p // parts,
                                 units * (p + 1) // parts, dx, dres)
-            p = _claim(claim)
 
 
 @_parallel
@@ -1052,11 +1011,9 @@ def grad_input_act_planes_par(x, dy, pivot, a, b, k, zp, zs, zt, res, act, parts
     units = x.shape[0] * x.shape[1]
     claim = np.zeros(1, dtype=np.int64)
     for _ in nb.prange(parts):
-        p = _claim(claim)
-        while p < parts:
+        for p in _claimed(claim, parts):
             grad_input_act_planes(x, dy, pivot, a, b, k, zp, zs, zt, res, act, units * p // parts,
                                   units * (p + 1) // parts, dx, dres)
-            p = _claim(claim)
 
 
 # ------------------------------------------------------------- whole steps across threads
@@ -1070,11 +1027,9 @@ def train_planes_whole_par(x, eps, weight, bias, act, stream, parts, y, coef):  
     features = x.shape[1]
     claim = np.zeros(1, dtype=np.int64)
     for _ in nb.prange(parts):
-        p = _claim(claim)
-        while p < parts:
+        for p in _claimed(claim, parts):
             train_planes_features(x, eps, weight, bias, act, stream, features * p // parts,
                                   features * (p + 1) // parts, y, coef)
-            p = _claim(claim)
 
 
 @_parallel
@@ -1084,11 +1039,9 @@ def backward_planes_whole_par(x, dy, pivot, invstd, weight, delta, batch_stats, 
     features = x.shape[1]
     claim = np.zeros(1, dtype=np.int64)
     for _ in nb.prange(parts):
-        p = _claim(claim)
-        while p < parts:
+        for p in _claimed(claim, parts):
             backward_planes_features(x, dy, pivot, invstd, weight, delta, batch_stats, act, zp, zs, zt, stream,
                                      features * p // parts, features * (p + 1) // parts, dx, coef)
-            p = _claim(claim)
 
 
 @_parallel
@@ -1099,27 +1052,21 @@ def train_rows_whole_par(x, eps, weight, bias, act, stream, parts, y, coef):  # 
     partial = np.zeros((parts, 2, features + 8))
     claim = np.zeros(1, dtype=np.int64)
     for _ in nb.prange(parts):
-        p = _claim(claim)
-        while p < parts:
+        for p in _claimed(claim, parts):
             moments_rows(x, first, units * p // parts, units * (p + 1) // parts, partial[p, 0, :features],
                          partial[p, 1, :features])
-            p = _claim(claim)
     if not _all_finite(partial, features):  # blocked sums overflowed: float64 throughout
         partial[:] = 0
         claim = np.zeros(1, dtype=np.int64)
         for _ in nb.prange(parts):
-            p = _claim(claim)
-            while p < parts:
+            for p in _claimed(claim, parts):
                 moments_rows64(x, first, units * p // parts, units * (p + 1) // parts, partial[p, 0, :features],
                                partial[p, 1, :features])
-                p = _claim(claim)
     train_coefficients(partial, first, units, eps, weight, bias, coef)
     claim = np.zeros(1, dtype=np.int64)
     for _ in nb.prange(parts):
-        p = _claim(claim)
-        while p < parts:
+        for p in _claimed(claim, parts):
             _apply_rows(x, coef, act, stream, units * p // parts, units * (p + 1) // parts, y)
-            p = _claim(claim)
 
 
 @_parallel
@@ -1131,28 +1078,22 @@ def backward_rows_whole_par(x, dy, pivot, invstd, weight, delta, batch_stats, ac
     partial = np.zeros((parts, 2, features + 8))
     claim = np.zeros(1, dtype=np.int64)
     for _ in nb.prange(parts):
-        p = _claim(claim)
-        while p < parts:
+        for p in _claimed(claim, parts):
             _grad_sums_rows_any(x, dy, p64, act, zp, zs, zt, units * p // parts, units * (p + 1) // parts,
                                 partial[p, 0, :features], partial[p, 1, :features])
-            p = _claim(claim)
     if act == 0 and not _all_finite(partial, features):  # blocked sums overflowed: float64 throughout
         partial[:] = 0
         claim = np.zeros(1, dtype=np.int64)
         for _ in nb.prange(parts):
-            p = _claim(claim)
-            while p < parts:
+            for p in _claimed(claim, parts):
                 grad_sums_rows64(x, dy, p64, units * p // parts, units * (p + 1) // parts, partial[p, 0, :features],
                                  partial[p, 1, :features])
-                p = _claim(claim)
     backward_coefficients(partial, invstd, weight, delta, units, batch_stats, coef)
     claim = np.zeros(1, dtype=np.int64)
     for _ in nb.prange(parts):
-        p = _claim(claim)
-        while p < parts:
+        for p in _claimed(claim, parts):
             _grad_input_rows_any(x, dy, pivot, coef, act, zp, zs, zt, stream, units * p // parts,
                                  units * (p + 1) // parts, dx)
-            p = _claim(claim)
 
 
 @_parallel
@@ -1162,10 +1103,8 @@ def eval_rows_whole_par(x, mean, var, eps, weight, bias, act, stream, parts, y, 
     eval_coefficients(mean, var, eps, weight, bias, coef)
     claim = np.zeros(1, dtype=np.int64)
     for _ in nb.prange(parts):
-        p = _claim(claim)
-        while p < parts:
+        for p in _claimed(claim, parts):
             _apply_rows(x, coef, act, stream, units * p // parts, units * (p + 1) // parts, y)
-            p = _claim(claim)
 
 
 @_parallel
@@ -1175,7 +1114,5 @@ def eval_planes_whole_par(x, mean, var, eps, weight, bias, act, stream, parts, y
     eval_coefficients(mean, var, eps, weight, bias, coef)
     claim = np.zeros(1, dtype=np.int64)
     for _ in nb.prange(parts):
-        p = _claim(claim)
-        while p < parts:
+        for p in _claimed(claim, parts):
             _apply_planes(x, coef, act, stream, units * p // parts, units * (p + 1) // parts, y)
-            p = _claim(claim)
