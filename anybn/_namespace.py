@@ -16,6 +16,7 @@ Array = Any
 Namespace = Any
 
 __all__ = [
+    "NDARRAY",
     "Array",
     "Namespace",
     "accumulation_dtype",
@@ -25,6 +26,7 @@ __all__ = [
     "library_name",
     "namespace_from_module",
     "namespace_of",
+    "numpy_namespace",
 ]
 
 
@@ -57,7 +59,7 @@ def namespace_of(fn: str, **arrays: Array | None) -> Namespace:
     present = [(name, a) for name, a in arrays.items() if a is not None]
     # plain NumPy arrays, the common case: skip array_namespace's general search (~4 us)
     if present and all(type(a) is _ndarray for _, a in present):
-        return _numpy_namespace()
+        return numpy_namespace()
     try:
         xp = array_api_compat.array_namespace(*(a for _, a in present))
     except TypeError:
@@ -79,10 +81,13 @@ def namespace_of(fn: str, **arrays: Array | None) -> Namespace:
 
 
 _ndarray = numpy.ndarray
+#: ``numpy.ndarray``: inputs of exactly this type (no subclass) take the short checks.
+NDARRAY = _ndarray
 _NUMPY: list[Namespace] = []
 
 
-def _numpy_namespace() -> Namespace:
+def numpy_namespace() -> Namespace:
+    """array-api-compat's NumPy namespace, as ``array_namespace`` returns it for ndarrays."""
     if not _NUMPY:
         _NUMPY.append(array_api_compat.array_namespace(numpy.empty(0)))
     return _NUMPY[0]

@@ -13,14 +13,15 @@ tensors that autograd records).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from . import _fast
 from ._checks import check_eps, check_feature_vector, check_floating, check_real
 from ._kernels import ACTIVATIONS, GENERIC, Activation, Kernels
-from ._layout import Layout, layout_of
+from ._layout import Layout, layout_of, plain_numpy_layout
 from ._moments import GradSums, Sums
-from ._namespace import Array, Namespace, compute_dtype, device_of, namespace_of
+from ._namespace import NDARRAY, Array, Namespace, compute_dtype, device_of, namespace_of, numpy_namespace
 from ._saved import BatchNormSaved
 from ._steps import (
     Applied,
@@ -51,6 +52,10 @@ def _validated(
     **vectors: Array | None,
 ) -> tuple[Namespace, Layout, float]:
     """Namespace, layout and eps of a forward step, every argument checked."""
+    if type(eps) is float and 0.0 < eps < math.inf:  # plain NumPy arrays: the short checks
+        layout = plain_numpy_layout(x, axis, vectors, required)
+        if layout is not None:
+            return numpy_namespace(), layout, eps
     if x is None:
         raise TypeError(f"{fn}: x must be an array of an array-API library, got None")
     for name in required:  # before the namespace check, which would skip a None
@@ -546,6 +551,8 @@ def batch_norm_backward(dy: Array, saved: BatchNormSaved) -> tuple[Array, ...]:
 
 def _checked_grad(fn: str, dy: Array, x: Array) -> Namespace:
     """The namespace of ``dy``, checked against the forward input ``x``."""
+    if type(dy) is type(x) is NDARRAY and dy.dtype.kind == "f" and dy.shape == x.shape:
+        return numpy_namespace()  # plain NumPy: the short checks (see plain_numpy_layout)
     if dy is None:
         raise TypeError(f"{fn}: dy must be an array of the shape of the forward input, got None")
     xp = namespace_of(fn, dy=dy, x=x)

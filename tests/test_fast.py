@@ -474,6 +474,42 @@ def test_parts_are_claimed_once_each_on_numbas_pool():
             np.testing.assert_array_equal(partial[p, 1, :37], s2)
 
 
+def test_pooled_calls_set_numbas_thread_count(monkeypatch):
+    """A call on numba's pool sets the calling thread's count for its launches to the
+    threads it plans (``ANYBN_NUM_THREADS``, at most NUMBA_NUM_THREADS), through numba's own
+    setter, or through ``numba.set_num_threads`` where numba lacks that setter."""
+    import numba
+    from numba.np.ufunc import parallel
+
+    from anybn._fast import _cpu_kernels
+    from anybn._fast import cpu
+
+    most = numba.config.NUMBA_NUM_THREADS
+    if most < 2:
+        pytest.skip("numba runs one thread here")
+    x = np.random.default_rng(0).standard_normal((1024, 256)).astype(np.float32)  # 1 MiB: pooled
+    monkeypatch.setenv("ANYBN_NUM_THREADS", "2")
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    y0, _ = anybn.batch_norm_train(x)
+    numba.set_num_threads(1)
+    y, _ = anybn.batch_norm_train(x)
+    assert numba.get_num_threads() == 2
+    np.testing.assert_array_equal(y, y0)
+    monkeypatch.setenv("ANYBN_NUM_THREADS", str(most + 5))  # more than numba has: all of them
+    anybn.batch_norm_train(x)
+    assert numba.get_num_threads() == most
+    numba.set_num_threads(most)
+
+    calls = []
+    monkeypatch.delattr(parallel, "_set_num_threads")
+    monkeypatch.setattr(numba, "set_num_threads", calls.append)
+    pid, set_threads = cpu._start_pool(_cpu_kernels)
+    set_threads(1 + most)
+    set_threads(0)
+    assert pid == os.getpid() or pid == -1
+    assert calls == [most, 1]
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
 def test_a_forked_child_keeps_working():
     """GNU OpenMP aborts a forked child that launches parallel work: the child of a process

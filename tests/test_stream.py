@@ -224,7 +224,7 @@ def test_outputs_start_half_a_page_from_their_input():
             raw = np.empty(size + 8192, np.uint8)
             start = (offset - raw.ctypes.data) % 4096
             like = raw[start:start + size].view(np.float64).reshape(shape)
-            out = cpu._empty(like, aligned)
+            out = cpu._empty(like, aligned, _k())
             assert out.shape == like.shape and out.dtype == like.dtype and out.flags.c_contiguous
             assert out.ctypes.data % 64 == 0 or not aligned
             assert out.ctypes.data % 8 == 0
@@ -234,7 +234,7 @@ def test_outputs_start_half_a_page_from_their_input():
 
     # small outputs are plain arrays: the view would cost more than the crowding
     small = np.empty((256, 64), np.float32)
-    assert small.nbytes < cpu._PARALLEL_MIN_BYTES and cpu._empty(small, False).flags.owndata
+    assert small.nbytes < cpu._PARALLEL_MIN_BYTES and cpu._empty(small, False, _k()).flags.owndata
     # and the whole steps take their outputs from it: rows of 4 KiB, forward and backward
     from anybn import functional
 

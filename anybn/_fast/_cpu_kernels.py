@@ -42,6 +42,13 @@ _FLAGS = {"reassoc", "contract"}
 _kernel = nb.njit(nogil=True, cache=True, fastmath=_FLAGS, error_model="numpy", boundscheck=False)
 
 
+@nb.njit(cache=True)
+def addresses(a, b):  # pragma: no cover - compiled
+    """The data addresses of two arrays, as ``ndarray.ctypes.data`` gives them (see
+    ``cpu._empty`` for why they are read here)."""
+    return a.ctypes.data, b.ctypes.data
+
+
 # ---------------------------------------------------------------- statistics (forward pass 1)
 
 

@@ -47,7 +47,6 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import array_api_compat
 import numpy as np
 
 from .._kernels import Activation
@@ -82,6 +81,7 @@ _GROUP_BYTES = 4 << 20
 _FEATURES_PER_THREAD = 4
 
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_NUMPY_NAMESPACES = frozenset({"numpy", "array_api_compat.numpy"})
 
 
 def _last_level_cache_bytes(sysfs: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int:
@@ -115,13 +115,19 @@ _LINE = 64
 _PAGE = 4096
 
 
-def _num_threads() -> int:
+def _num_threads(cores: Callable[[], int]) -> int:
+    """``ANYBN_NUM_THREADS`` (read at each call) if set, else ``cores()``."""
     value = os.environ.get("ANYBN_NUM_THREADS", "").strip()
     if value:
         try:
             return max(1, int(value))
         except ValueError:
             raise ValueError(f"ANYBN_NUM_THREADS must be a positive integer, got {value!r}") from None
+    return cores()
+
+
+def _usable_cores() -> int:
+    """The cores this process may run on (its affinity mask), else the machine's count."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -204,11 +210,15 @@ class CpuPath:
         self._threads = _Threads()
         self._pool_lock = threading.Lock()
         self._pool_pid: int | None = None  # the process numba's pool started in; -1: unusable
+        self._set_threads: Callable[[int], None] = _no_threads  # numba's, once its pool has started
+        self._cores_of: tuple[int, int] = (-1, 0)  # (pid, its usable cores), read once per process
 
     # ------------------------------------------------------------------ selection
 
     def serves(self, step: str, xp: Any, arrays: tuple[Any, ...]) -> bool:
-        if not array_api_compat.is_numpy_namespace(xp):
+        # NumPy's namespace (the module or array-api-compat's wrapper), read without a call:
+        # see plain_numpy_layout for why each step of a large call's Python counts
+        if getattr(xp, "__name__", None) not in _NUMPY_NAMESPACES:
             return False
         dtype = arrays[0].dtype
         if dtype not in _DTYPES:
@@ -328,7 +338,7 @@ class CpuPath:
         xv = view.fold(x)
         coef = np.empty((6, view.features), dtype=x.dtype)  # pivot, scale, shift, invstd, var, delta
         stream = _streams(view, 2 * x.nbytes, x.itemsize)
-        y = _empty(xv, stream)
+        y = _empty(xv, stream, self._k)
         args = (xv, eps, _given(weight), _given(bias), self._k.ACT_CODES[activation], stream)
         self._run_whole("train", view, args, plan, y, coef)
         pivot, scale, shift, invstd, var, delta = coef
@@ -354,7 +364,7 @@ class CpuPath:
             return y.reshape(x.shape)
         view = _View(layout)
         stream = _streams(view, 2 * x.nbytes, x.itemsize)
-        y = _empty(xv, stream)
+        y = _empty(xv, stream, self._k)
         args = (xv, np.asarray(mean), np.asarray(var), eps, _given(weight), _given(bias), act, stream)
         plan = self._whole_plan(view, x.nbytes, by_feature=False)
         assert plan is not None  # only planes training steps decline
@@ -379,7 +389,7 @@ class CpuPath:
         if plan is None:
             return None
         stream = _streams(view, 3 * x.nbytes, x.itemsize)
-        dx = _empty(view.fold(x), stream)
+        dx = _empty(view.fold(x), stream, self._k)
         coef = np.empty((5, view.features), dtype=x.dtype)  # a, b, k, dweight, dbias
         k = self._k
         fused: tuple[Any, ...] = (0, _ABSENT_X[x.dtype], _ABSENT_X[x.dtype], _ABSENT_X[x.dtype])
@@ -429,7 +439,7 @@ class CpuPath:
             parts = min(features, -(-groups // threads) * threads)
         pooled = threads > 1 and self._pool_ok()
         if pooled:
-            _numba_threads(threads)
+            self._use_threads(threads)
         return parts, threads, pooled
 
     def _train_threaded(self, view: _View, args: tuple[Any, ...], parts: int, threads: int, y: np.ndarray,
@@ -495,14 +505,28 @@ class CpuPath:
         if self._pool_pid is None:
             with self._pool_lock:
                 if self._pool_pid is None:
-                    self._pool_pid = _start_pool(self._k)
+                    self._pool_pid, self._set_threads = _start_pool(self._k)
         return self._pool_pid == os.getpid()
+
+    def _cores(self) -> int:
+        """The usable cores (``_usable_cores``), read once per process: the affinity query is
+        a system call, ~10 us after a large pass has flushed the caches."""
+        pid, cores = self._cores_of
+        if pid != os.getpid():
+            cores = _usable_cores()
+            self._cores_of = (os.getpid(), cores)
+        return cores
+
+    def _use_threads(self, threads: int) -> None:
+        """Let numba's pool use ``threads`` threads for this calling thread's next launches
+        (after ``_pool_ok``)."""
+        self._set_threads(threads)
 
     def _split(self, view: _View, nbytes: int) -> tuple[int, int]:
         """(ranges, threads) for a pass over ``nbytes``: one range on the caller when small."""
         if nbytes < _PARALLEL_MIN_BYTES or (nbytes < _PASSIVE_MIN_BYTES and _passive_workers()):
             return 1, 1
-        threads = max(1, min(_num_threads(), view.units))
+        threads = max(1, min(_num_threads(self._cores), view.units))
         if threads == 1:  # ranges only balance threads; on one, a single call reads x in order
             return 1, 1
         return min(view.units, threads * _RANGES_PER_THREAD), threads
@@ -513,7 +537,7 @@ class CpuPath:
         parts, threads = self._split(view, nbytes)
         par = getattr(self._k, kernel.__name__ + "_par", None) if threads > 1 else None
         if par is not None and self._pool_ok():
-            _numba_threads(threads)
+            self._use_threads(threads)
             par(*args, parts, *outs)
             return
         self._threads.run(lambda part, lo, hi: kernel(*args, lo, hi, *outs), view.units, parts, threads)
@@ -531,7 +555,7 @@ class CpuPath:
             kernel(*args, 0, view.units, partial[0, 0], partial[0, 1])
             return partial[0, 0], partial[0, 1]
         if par is not None and self._pool_ok():
-            _numba_threads(threads)
+            self._use_threads(threads)
             par(*args, parts, buf)  # the whole buffer: slices of a contiguous one vectorize
             total = partial.sum(axis=0)
             return total[0], total[1]
@@ -563,29 +587,42 @@ def _out(view: _View, out: np.ndarray | None, like: np.ndarray) -> np.ndarray:
     return view.fold(out)
 
 
-def _numba_threads(threads: int) -> None:
-    """Let numba's pool use ``threads`` threads for this calling thread's next launches."""
-    import numba
-
-    most = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
-    numba.set_num_threads(min(threads, most))
+def _no_threads(threads: int) -> None:
+    raise RuntimeError("numba's thread pool has not been started")  # pragma: no cover - guarded by _pool_ok
 
 
-def _start_pool(kernels: ModuleType) -> int:
-    """Start numba's thread pool with a tiny launch; this pid where it is thread-safe, else -1.
+def _start_pool(kernels: ModuleType) -> tuple[int, Callable[[int], None]]:
+    """Start numba's thread pool with a tiny launch: (this pid where it is thread-safe, else
+    -1; a function that sets the calling thread's count for numba's next launches, at most
+    numba's NUMBA_NUM_THREADS).
 
     numba's ``workqueue`` layer (no OpenMP or TBB found) aborts on concurrent launches from
     several Python threads: there the passes keep to Python threads.
+
+    The setter is numba's own ``_set_num_threads``, which ``numba.set_num_threads`` calls
+    after its checks (the pool started, 1 <= n <= NUMBA_NUM_THREADS: both ensured here). A
+    call comes after a pass over megabytes that has flushed the CPU's caches, and there the
+    public function's Python (its checks, its locks) costs ~30 us against ~15 (see
+    ``_empty``). ``numba.set_num_threads`` where numba has no such function.
     """
     import numba
+    from numba.np.ufunc import parallel
 
     x = np.zeros((2, 1))
     try:
         kernels.affine_rows_par(x, np.zeros(1), np.ones(1), np.zeros(1), 2, np.empty_like(x))
         layer = numba.threading_layer()
     except Exception:  # no usable layer at all: Python threads serve
-        return -1
-    return os.getpid() if layer in ("omp", "tbb") else -1
+        return -1, _no_threads
+    most = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
+    setter = getattr(parallel, "_set_num_threads", None)
+    if not callable(setter):
+        setter = numba.set_num_threads
+
+    def set_threads(threads: int) -> None:
+        setter(max(1, min(threads, most)))
+
+    return (os.getpid() if layer in ("omp", "tbb") else -1), set_threads
 
 
 def _streams(view: _View, moved: int, itemsize: int) -> bool:
@@ -594,7 +631,7 @@ def _streams(view: _View, moved: int, itemsize: int) -> bool:
     return moved >= 2 * _STREAM_CACHE_BYTES and view.folded[-1] * itemsize % _LINE == 0
 
 
-def _empty(like: np.ndarray, aligned: bool) -> np.ndarray:
+def _empty(like: np.ndarray, aligned: bool, kernels: ModuleType) -> np.ndarray:
     """np.empty_like(like), C-contiguous, its data half a page away from like's in the page
     (and 64-byte aligned where ``aligned``): a view of a buffer one page longer.
 
@@ -605,15 +642,23 @@ def _empty(like: np.ndarray, aligned: bool) -> np.ndarray:
     apply on 4096 x 1024 float32, one thread: 2.4-2.5 ms with dx on x's sets, 1.8 off them;
     the plain apply 1.56-1.63 ms either way). Below ``_PARALLEL_MIN_BYTES`` (and unaligned)
     it is plain ``np.empty_like``: the view costs ~3 us, a sixth of a 256 x 64 step, and
-    such inputs sit in L2, where a crowded L1 set costs little."""
+    such inputs sit in L2, where a crowded L1 set costs little.
+
+    The addresses come from compiled code (``kernels.addresses``): this runs right after the
+    previous call's passes have swept megabytes through the caches, and there every line of
+    Python and of its objects is a miss. ``ndarray.ctypes.data`` builds a ctypes helper
+    object each time: ~30 us for one address in that state, against ~11 us for both here
+    (medians after a 96 MiB copy). The public calls' Python outside the kernels, measured
+    the same way, is 120-260 us on 16 MiB inputs, against ~10 us when warm.
+    """
     if not aligned and like.nbytes < _PARALLEL_MIN_BYTES:
         return np.empty_like(like)
     raw = np.empty(like.nbytes + _PAGE, dtype=np.uint8)
-    want = (like.ctypes.data + _PAGE // 2) % _PAGE
+    at, raw_at = kernels.addresses(like, raw)
+    want = (at + _PAGE // 2) % _PAGE
     if aligned:
         want -= want % _LINE
-    start = (want - raw.ctypes.data) % _PAGE
-    return raw[start:start + like.nbytes].view(like.dtype).reshape(like.shape)
+    return np.ndarray(like.shape, like.dtype, raw, (want - raw_at) % _PAGE)  # one call: slice, view, reshape
 
 
 def _folded_or_empty(view: _View, a: Any, dtype: Any) -> np.ndarray:
