@@ -474,14 +474,15 @@ def test_parts_are_claimed_once_each_on_numbas_pool():
             np.testing.assert_array_equal(partial[p, 1, :37], s2)
 
 
-def test_pooled_calls_set_numbas_thread_count(monkeypatch):
-    """A call on numba's pool sets the calling thread's count for its launches to the
-    threads it plans (``ANYBN_NUM_THREADS``, at most NUMBA_NUM_THREADS), through numba's own
-    setter, or through ``numba.set_num_threads`` where numba lacks that setter."""
+def test_pooled_calls_keep_numbas_thread_count_to_themselves(monkeypatch):
+    """A call on numba's pool runs its kernel at the threads it plans (``ANYBN_NUM_THREADS``,
+    at most NUMBA_NUM_THREADS) and leaves the calling thread's numba count as it found it,
+    an error in the kernel included; through numba's own getter and setter, or the public
+    functions where numba lacks those."""
     import numba
     from numba.np.ufunc import parallel
 
-    from anybn._fast import _cpu_kernels
+    from anybn._fast import _cpu_kernels as k
     from anybn._fast import cpu
 
     most = numba.config.NUMBA_NUM_THREADS
@@ -491,23 +492,43 @@ def test_pooled_calls_set_numbas_thread_count(monkeypatch):
     monkeypatch.setenv("ANYBN_NUM_THREADS", "2")
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     y0, _ = anybn.batch_norm_train(x)
-    numba.set_num_threads(1)
-    y, _ = anybn.batch_norm_train(x)
-    assert numba.get_num_threads() == 2
-    np.testing.assert_array_equal(y, y0)
-    monkeypatch.setenv("ANYBN_NUM_THREADS", str(most + 5))  # more than numba has: all of them
-    anybn.batch_norm_train(x)
-    assert numba.get_num_threads() == most
-    numba.set_num_threads(most)
+    seen = []
+    kernel = k.train_rows_whole_par
 
-    calls = []
+    def spy(*args):
+        seen.append(numba.get_num_threads())
+        return kernel(*args)
+
+    monkeypatch.setattr(k, "train_rows_whole_par", spy)
+    try:
+        numba.set_num_threads(1)  # the caller's own setting
+        y, _ = anybn.batch_norm_train(x)
+        assert seen == [2] and numba.get_num_threads() == 1
+        np.testing.assert_array_equal(y, y0)
+        monkeypatch.setenv("ANYBN_NUM_THREADS", str(most + 5))  # more than numba has: all of them
+        anybn.batch_norm_train(x)
+        assert seen == [2, most] and numba.get_num_threads() == 1
+
+        def broken(*args):
+            raise FloatingPointError("planted")
+
+        monkeypatch.setattr(k, "train_rows_whole_par", broken)
+        with pytest.raises(FloatingPointError, match="planted"):
+            anybn.batch_norm_train(x)
+        assert numba.get_num_threads() == 1
+    finally:
+        numba.set_num_threads(most)
+
+    calls = []  # numba without its private getter and setter: the public ones
+    monkeypatch.delattr(parallel, "_get_num_threads")
     monkeypatch.delattr(parallel, "_set_num_threads")
+    monkeypatch.setattr(numba, "get_num_threads", lambda: 3)
     monkeypatch.setattr(numba, "set_num_threads", calls.append)
-    pid, set_threads = cpu._start_pool(_cpu_kernels)
-    set_threads(1 + most)
-    set_threads(0)
-    assert pid == os.getpid() or pid == -1
-    assert calls == [most, 1]
+    pid, on_pool = cpu._start_pool(k)
+    assert pid in (os.getpid(), -1)
+    ran = []
+    on_pool(most + 1, lambda *a: ran.append(a), (1, 2))
+    assert ran == [(1, 2)] and calls == [most, 3 if most >= 3 else most]
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")

@@ -210,7 +210,7 @@ class CpuPath:
         self._threads = _Threads()
         self._pool_lock = threading.Lock()
         self._pool_pid: int | None = None  # the process numba's pool started in; -1: unusable
-        self._set_threads: Callable[[int], None] = _no_threads  # numba's, once its pool has started
+        self._on_pool: _OnPool = _no_pool  # runs a kernel on numba's pool, once the pool has started
         self._cores_of: tuple[int, int] = (-1, 0)  # (pid, its usable cores), read once per process
 
     # ------------------------------------------------------------------ selection
@@ -370,7 +370,7 @@ class CpuPath:
         assert plan is not None  # only planes training steps decline
         parts, threads, pooled = plan
         if pooled:
-            (k.eval_rows_whole_par if rows else k.eval_planes_whole_par)(*args, parts, y, coef)
+            self._on_pool(threads, k.eval_rows_whole_par if rows else k.eval_planes_whole_par, (*args, parts, y, coef))
         elif threads > 1:
             k.eval_coefficients(*args[1:6], coef)
             self._threads.run(lambda i, lo, hi: self._apply_range(view, xv, coef, act, stream, lo, hi, y),
@@ -409,7 +409,7 @@ class CpuPath:
         parts, threads, pooled = plan
         whole = getattr(self._k, f"{step}_{'rows' if view.rows else 'planes'}_whole")
         if pooled:
-            getattr(self._k, whole.__name__ + "_par")(*args, parts, out, coef)
+            self._on_pool(threads, getattr(self._k, whole.__name__ + "_par"), (*args, parts, out, coef))
         elif threads > 1:  # the same kernels on Python threads: the same bits
             (self._train_threaded if step == "train" else self._backward_threaded)(view, args, parts, threads,
                                                                                   out, coef)
@@ -438,8 +438,6 @@ class CpuPath:
             groups = -(-features // max(1, _GROUP_BYTES // per_feature))  # ceiling divisions
             parts = min(features, -(-groups // threads) * threads)
         pooled = threads > 1 and self._pool_ok()
-        if pooled:
-            self._use_threads(threads)
         return parts, threads, pooled
 
     def _train_threaded(self, view: _View, args: tuple[Any, ...], parts: int, threads: int, y: np.ndarray,
@@ -505,7 +503,7 @@ class CpuPath:
         if self._pool_pid is None:
             with self._pool_lock:
                 if self._pool_pid is None:
-                    self._pool_pid, self._set_threads = _start_pool(self._k)
+                    self._pool_pid, self._on_pool = _start_pool(self._k)
         return self._pool_pid == os.getpid()
 
     def _cores(self) -> int:
@@ -516,11 +514,6 @@ class CpuPath:
             cores = _usable_cores()
             self._cores_of = (os.getpid(), cores)
         return cores
-
-    def _use_threads(self, threads: int) -> None:
-        """Let numba's pool use ``threads`` threads for this calling thread's next launches
-        (after ``_pool_ok``)."""
-        self._set_threads(threads)
 
     def _split(self, view: _View, nbytes: int) -> tuple[int, int]:
         """(ranges, threads) for a pass over ``nbytes``: one range on the caller when small."""
@@ -537,8 +530,7 @@ class CpuPath:
         parts, threads = self._split(view, nbytes)
         par = getattr(self._k, kernel.__name__ + "_par", None) if threads > 1 else None
         if par is not None and self._pool_ok():
-            self._use_threads(threads)
-            par(*args, parts, *outs)
+            self._on_pool(threads, par, (*args, parts, *outs))
             return
         self._threads.run(lambda part, lo, hi: kernel(*args, lo, hi, *outs), view.units, parts, threads)
 
@@ -555,8 +547,7 @@ class CpuPath:
             kernel(*args, 0, view.units, partial[0, 0], partial[0, 1])
             return partial[0, 0], partial[0, 1]
         if par is not None and self._pool_ok():
-            self._use_threads(threads)
-            par(*args, parts, buf)  # the whole buffer: slices of a contiguous one vectorize
+            self._on_pool(threads, par, (*args, parts, buf))  # the whole buffer: its slices vectorize
             total = partial.sum(axis=0)
             return total[0], total[1]
         self._threads.run(lambda part, lo, hi: kernel(*args, lo, hi, partial[part, 0], partial[part, 1]),
@@ -587,23 +578,30 @@ def _out(view: _View, out: np.ndarray | None, like: np.ndarray) -> np.ndarray:
     return view.fold(out)
 
 
-def _no_threads(threads: int) -> None:
+# ``on_pool(threads, kernel, args)``: ``kernel(*args)`` on numba's pool at ``threads`` threads
+_OnPool = Callable[[int, Callable[..., None], tuple[Any, ...]], None]
+
+
+def _no_pool(threads: int, kernel: Callable[..., None], args: tuple[Any, ...]) -> None:
     raise RuntimeError("numba's thread pool has not been started")  # pragma: no cover - guarded by _pool_ok
 
 
-def _start_pool(kernels: ModuleType) -> tuple[int, Callable[[int], None]]:
+def _start_pool(kernels: ModuleType) -> tuple[int, _OnPool]:
     """Start numba's thread pool with a tiny launch: (this pid where it is thread-safe, else
-    -1; a function that sets the calling thread's count for numba's next launches, at most
-    numba's NUMBA_NUM_THREADS).
+    -1; ``on_pool``, which runs a parallel kernel at a given number of threads).
 
     numba's ``workqueue`` layer (no OpenMP or TBB found) aborts on concurrent launches from
     several Python threads: there the passes keep to Python threads.
 
-    The setter is numba's own ``_set_num_threads``, which ``numba.set_num_threads`` calls
-    after its checks (the pool started, 1 <= n <= NUMBA_NUM_THREADS: both ensured here). A
-    call comes after a pass over megabytes that has flushed the CPU's caches, and there the
-    public function's Python (its checks, its locks) costs ~30 us against ~15 (see
-    ``_empty``). ``numba.set_num_threads`` where numba has no such function.
+    numba's thread count is a setting of the calling thread (``numba.set_num_threads``),
+    the caller's as much as ours: ``on_pool`` sets it for the kernel only where it differs
+    from what the kernel wants (``ANYBN_NUM_THREADS``, at most NUMBA_NUM_THREADS), and puts
+    the caller's back after. It reads and sets it through numba's own ``_get_num_threads`` /
+    ``_set_num_threads``, which the public functions call after their checks (the pool
+    started, 1 <= n <= NUMBA_NUM_THREADS: both ensured here): a call comes after a pass over
+    megabytes that has flushed the CPU's caches, and there the public function's Python
+    costs ~30 us against ~15 (see ``_empty``). The public functions where numba has no such
+    ones.
     """
     import numba
     from numba.np.ufunc import parallel
@@ -613,16 +611,25 @@ def _start_pool(kernels: ModuleType) -> tuple[int, Callable[[int], None]]:
         kernels.affine_rows_par(x, np.zeros(1), np.ones(1), np.zeros(1), 2, np.empty_like(x))
         layer = numba.threading_layer()
     except Exception:  # no usable layer at all: Python threads serve
-        return -1, _no_threads
+        return -1, _no_pool
     most = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
-    setter = getattr(parallel, "_set_num_threads", None)
-    if not callable(setter):
-        setter = numba.set_num_threads
+    get, put = getattr(parallel, "_get_num_threads", None), getattr(parallel, "_set_num_threads", None)
+    if not (callable(get) and callable(put)):
+        get, put = numba.get_num_threads, numba.set_num_threads
 
-    def set_threads(threads: int) -> None:
-        setter(max(1, min(threads, most)))
+    def on_pool(threads: int, kernel: Callable[..., None], args: tuple[Any, ...]) -> None:
+        want = max(1, min(threads, most))
+        before = get()
+        if before == want:  # the common case: one read
+            kernel(*args)
+            return
+        put(want)
+        try:
+            kernel(*args)
+        finally:
+            put(before if 1 <= before <= most else most)
 
-    return (os.getpid() if layer in ("omp", "tbb") else -1), set_threads
+    return (os.getpid() if layer in ("omp", "tbb") else -1), on_pool
 
 
 def _streams(view: _View, moved: int, itemsize: int) -> bool:
