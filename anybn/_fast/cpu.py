@@ -655,8 +655,9 @@ def _empty(like: np.ndarray, aligned: bool, kernels: ModuleType) -> np.ndarray:
     previous call's passes have swept megabytes through the caches, and there every line of
     Python and of its objects is a miss. ``ndarray.ctypes.data`` builds a ctypes helper
     object each time: ~30 us for one address in that state, against ~11 us for both here
-    (medians after a 96 MiB copy). The public calls' Python outside the kernels, measured
-    the same way, is 120-260 us on 16 MiB inputs, against ~10 us when warm.
+    (medians after a 96 MiB copy). All of a public call's Python outside its kernel came to
+    130-380 us on 16 MiB inputs in place, against ~10-20 us warm, before this and the short
+    checks cut it by about a third (``tools/call_overhead.py``, docs/benchmarks.md).
     """
     if not aligned and like.nbytes < _PARALLEL_MIN_BYTES:
         return np.empty_like(like)
