@@ -32,14 +32,15 @@ MODULES = sorted(
 # Nothing below ``functional`` imports ``functional``.
 LAYERS = {
     "anybn._namespace": set(),
+    "anybn._env": set(),
     "anybn._checks": {"anybn._namespace"},
     "anybn._layout": {"anybn._checks", "anybn._namespace"},
     "anybn._saved": {"anybn._layout", "anybn._namespace"},
     "anybn._moments": {"anybn._layout", "anybn._namespace"},
     "anybn._kernels": {"anybn._layout", "anybn._moments", "anybn._namespace"},
     "anybn._steps": {"anybn._moments", "anybn._namespace", "anybn._saved"},
-    "anybn._fast": {"anybn._kernels", "anybn._fast.cpu", "anybn._fast.cuda"},  # the registry builds its paths
-    "anybn._fast.cpu": {"anybn._kernels", "anybn._layout", "anybn._moments", "anybn._saved",
+    "anybn._fast": {"anybn._env", "anybn._kernels", "anybn._fast.cpu", "anybn._fast.cuda"},  # the registry builds its paths
+    "anybn._fast.cpu": {"anybn._env", "anybn._kernels", "anybn._layout", "anybn._moments", "anybn._saved",
                         "anybn._fast._cpu_kernels"},
     "anybn._fast._cpu_kernels": {"anybn._fast._stream"},
     "anybn._fast._stream": set(),

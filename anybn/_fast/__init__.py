@@ -26,9 +26,9 @@ Registered paths:
 from __future__ import annotations
 
 import importlib.util
-import os
 from typing import Any
 
+from .._env import EnvSetting
 from .._kernels import GENERIC, Kernels, Step
 
 __all__ = ["FastPath", "fast_paths_enabled", "kernels_for", "registered", "select"]
@@ -59,10 +59,16 @@ def _build_registry() -> tuple[Kernels, ...]:
     return tuple(paths)
 
 
+def _enabled(value: str | None) -> bool:
+    return value is None or value.strip().lower() not in {"0", "false", "off", "no"}
+
+
+_FAST_PATHS = EnvSetting("ANYBN_FAST_PATHS", _enabled)
+
+
 def fast_paths_enabled() -> bool:
     """False when the environment sets ``ANYBN_FAST_PATHS=0`` (or 'false', 'off', 'no')."""
-    value = os.environ.get("ANYBN_FAST_PATHS")
-    return value is None or value.strip().lower() not in {"0", "false", "off", "no"}
+    return _FAST_PATHS()
 
 
 def registered() -> tuple[Kernels, ...]:

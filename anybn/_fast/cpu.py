@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 
+from .._env import EnvSetting
 from .._kernels import Activation
 from .._layout import Layout
 from .._moments import GradSums, Sums
@@ -115,15 +116,30 @@ _LINE = 64
 _PAGE = 4096
 
 
+def _thread_cap(value: str | None) -> int | None:
+    """``ANYBN_NUM_THREADS`` parsed: a positive integer, or None when unset or blank."""
+    value = (value or "").strip()
+    if not value:
+        return None
+    try:
+        return max(1, int(value))
+    except ValueError:
+        raise ValueError(f"ANYBN_NUM_THREADS must be a positive integer, got {value!r}") from None
+
+
+def _passive(value: str | None) -> bool:
+    return (value or "").strip().upper() == "PASSIVE"
+
+
+# read at each call (see anybn._env for how, cheaply)
+_THREAD_CAP = EnvSetting("ANYBN_NUM_THREADS", _thread_cap)
+_WAIT_POLICY_PASSIVE = EnvSetting("OMP_WAIT_POLICY", _passive)
+
+
 def _num_threads(cores: Callable[[], int]) -> int:
     """``ANYBN_NUM_THREADS`` (read at each call) if set, else ``cores()``."""
-    value = os.environ.get("ANYBN_NUM_THREADS", "").strip()
-    if value:
-        try:
-            return max(1, int(value))
-        except ValueError:
-            raise ValueError(f"ANYBN_NUM_THREADS must be a positive integer, got {value!r}") from None
-    return cores()
+    cap = _THREAD_CAP()
+    return cores() if cap is None else cap
 
 
 def _usable_cores() -> int:
@@ -136,7 +152,7 @@ def _usable_cores() -> int:
 
 def _passive_workers() -> bool:
     """Whether OpenMP's workers sleep between parallel regions (``OMP_WAIT_POLICY=PASSIVE``)."""
-    return os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
+    return _WAIT_POLICY_PASSIVE()
 
 
 class _Threads:
@@ -340,13 +356,16 @@ class CpuPath:
         stream = _streams(view, 2 * x.nbytes, x.itemsize)
         y = _empty(xv, stream, self._k)
         args = (xv, eps, _given(weight), _given(bias), self._k.ACT_CODES[activation], stream)
-        self._run_whole("train", view, args, plan, y, coef)
+        # what is returned is built before the kernel fills it: after the kernel's passes,
+        # each line of Python run is a cache miss (these ones took ~40 us there, see _empty)
         pivot, scale, shift, invstd, var, delta = coef
         saved = BatchNormSaved(x=x, mean=pivot, invstd=invstd, var=var, weight=weight, has_bias=bias is not None,
                                axis=layout.axis, eps=eps, count=view.count, pivot=pivot, delta=delta, layout=layout)
         if activation is not None:  # backward recomputes z from x and these
             saved.act = Activation(activation, pivot, scale, shift, None)
-        return y.reshape(x.shape), saved
+        result = y.reshape(x.shape), saved
+        self._run_whole("train", view, args, plan, y, coef)
+        return result
 
     def eval_whole(self, xp: Any, x: np.ndarray, layout: Layout, mean: Any, var: Any, weight: Any, bias: Any,
                    eps: float, *, activation: str | None = None) -> np.ndarray | None:
@@ -365,6 +384,7 @@ class CpuPath:
         view = _View(layout)
         stream = _streams(view, 2 * x.nbytes, x.itemsize)
         y = _empty(xv, stream, self._k)
+        result = y.reshape(x.shape)  # before the pass, as in train_whole
         args = (xv, np.asarray(mean), np.asarray(var), eps, _given(weight), _given(bias), act, stream)
         plan = self._whole_plan(view, x.nbytes, by_feature=False)
         assert plan is not None  # only planes training steps decline
@@ -377,7 +397,7 @@ class CpuPath:
                               view.units, parts, threads)
         else:
             (k.eval_rows_whole if rows else k.eval_planes_whole)(*args, y, coef)
-        return y.reshape(x.shape)
+        return result
 
     def backward_whole(self, xp: Any, dy: np.ndarray, saved: BatchNormSaved,
                        layout: Layout) -> tuple[np.ndarray, Any, Any] | None:
@@ -399,9 +419,10 @@ class CpuPath:
                      _vector(act.shift, x.dtype, c))
         args = (view.fold(x), view.fold(dy), np.asarray(saved.pivot, dtype=x.dtype), np.asarray(saved.invstd),
                 _given(saved.weight), np.asarray(saved.delta), True, *fused, stream)
+        result = (dx.reshape(x.shape), None if saved.weight is None else coef[3],
+                  coef[4] if saved.has_bias else None)  # before the passes, as in train_whole
         self._run_whole("backward", view, args, plan, dx, coef)
-        return (dx.reshape(x.shape), None if saved.weight is None else coef[3],
-                coef[4] if saved.has_bias else None)
+        return result
 
     def _run_whole(self, step: str, view: _View, args: tuple[Any, ...], plan: tuple[int, int, bool],
                    out: np.ndarray, coef: np.ndarray) -> None:
