@@ -519,7 +519,8 @@ def test_pooled_calls_keep_numbas_thread_count_to_themselves(monkeypatch):
     finally:
         numba.set_num_threads(most)
 
-    calls = []  # numba without its private getter and setter: the public ones
+    calls = []  # neither compiled nor private getter and setter: the public ones
+    monkeypatch.delattr(k, "thread_count")
     monkeypatch.delattr(parallel, "_get_num_threads")
     monkeypatch.delattr(parallel, "_set_num_threads")
     monkeypatch.setattr(numba, "get_num_threads", lambda: 3)
@@ -529,6 +530,45 @@ def test_pooled_calls_keep_numbas_thread_count_to_themselves(monkeypatch):
     ran = []
     on_pool(most + 1, lambda *a: ran.append(a), (1, 2))
     assert ran == [(1, 2)] and calls == [most, 3 if most >= 3 else most]
+
+
+def test_thread_counter_takes_the_quickest_way_that_reads_and_moves_numbas_count(monkeypatch):
+    """Compiled calls of the threading layer's functions where they agree with numba's public
+    functions, else numba's private ctypes ones, else the public ones; each read and set
+    what ``numba.get_num_threads`` reads."""
+    import types
+
+    import numba
+    from numba.np.ufunc import parallel
+
+    from anybn._fast import _cpu_kernels as k
+    from anybn._fast import cpu
+
+    most = numba.config.NUMBA_NUM_THREADS
+    if most < 2:
+        pytest.skip("numba runs one thread here")
+    cpu._start_pool(k)
+    try:
+        get, put = cpu._thread_counter(k)
+        assert (get, put) == (k.thread_count, k.set_thread_count)
+        numba.set_num_threads(1)
+        assert get() == 1
+        put(2)
+        assert numba.get_num_threads() == 2 and get() == 2
+        bare = types.SimpleNamespace()  # kernels without the compiled pair
+        assert cpu._thread_counter(bare) == (parallel._get_num_threads, parallel._set_num_threads)
+        wrong = types.SimpleNamespace(thread_count=lambda: 0, set_thread_count=k.set_thread_count)
+        assert cpu._thread_counter(wrong)[0] is parallel._get_num_threads  # reads wrong: skipped
+        stuck = types.SimpleNamespace(thread_count=k.thread_count, set_thread_count=lambda n: None)
+        assert cpu._thread_counter(stuck)[0] is parallel._get_num_threads  # does not move it: skipped
+        assert numba.get_num_threads() == 2  # the probes put the count back
+        real_get, real_set = parallel._get_num_threads, parallel._set_num_threads
+        monkeypatch.setattr(numba, "get_num_threads", lambda: real_get())  # the public ones use them
+        monkeypatch.setattr(numba, "set_num_threads", lambda n: real_set(n))
+        monkeypatch.delattr(parallel, "_get_num_threads")  # a numba without them: the public ones
+        assert cpu._thread_counter(bare) == (numba.get_num_threads, numba.set_num_threads)
+    finally:
+        numba.set_num_threads(most)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
@@ -542,7 +582,8 @@ def test_a_forked_child_keeps_working():
         "pid = os.fork()\n"
         "if pid == 0:\n"
         "    y, _ = anybn.batch_norm_train(x)\n"
-        "    os._exit(0 if np.array_equal(y, y0) else 3)\n"
+        "    path = anybn._fast.select('train', np, x)\n"
+        "    os._exit(0 if np.array_equal(y, y0) and not path._pool_ok() else 3)\n"
         "_, status = os.waitpid(pid, 0)\n"
         "assert os.waitstatus_to_exitcode(status) == 0, status\n"
     )

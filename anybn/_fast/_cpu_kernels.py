@@ -32,7 +32,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 from llvmlite import ir
-from numba.core import types
+from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 from . import _stream as streaming
@@ -47,6 +47,62 @@ def addresses(a, b):  # pragma: no cover - compiled
     """The data addresses of two arrays, as ``ndarray.ctypes.data`` gives them (see
     ``cpu._empty`` for why they are read here)."""
     return a.ctypes.data, b.ctypes.data
+
+
+def _launch_threads() -> None:
+    """Start numba's threading layer, which registers the symbols below (numba's own
+    intrinsics do so when typed). The CPU path calls these helpers only after its pool has
+    started, so where numba lacks this private function, nothing is lost."""
+    from numba.np.ufunc import parallel
+
+    launch = getattr(parallel, "_launch_threads", None)
+    if callable(launch):
+        launch()
+
+
+@intrinsic
+def _get_threads(typingctx):  # type: ignore[no-untyped-def]
+    """numba's thread count for the calling thread, from its threading layer's
+    ``get_num_threads``, called by its symbol name as numba's own parallel code calls the
+    layer's functions: code that calls ``numba.get_num_threads()`` holds the address of a
+    ctypes object instead, and is not cached on disk."""
+    _launch_threads()
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(32), []), "get_num_threads")
+        return builder.sext(builder.call(fn, []), ir.IntType(64))
+
+    return types.int64(), codegen
+
+
+@intrinsic
+def _set_threads(typingctx, n):  # type: ignore[no-untyped-def]
+    """Set numba's thread count for the calling thread (the layer's ``set_num_threads``),
+    unchecked: the caller keeps 1 <= n <= NUMBA_NUM_THREADS."""
+    if not isinstance(n, types.Integer):
+        return None
+    _launch_threads()
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [ir.IntType(32)]),
+                                            "set_num_threads")
+        builder.call(fn, [builder.trunc(args[0], ir.IntType(32))])
+        return context.get_dummy_value()
+
+    return types.none(n), codegen
+
+
+@nb.njit(cache=True)
+def thread_count():  # pragma: no cover - compiled
+    """``numba.get_num_threads()`` without its Python and ctypes (see ``cpu._start_pool``)."""
+    return _get_threads()
+
+
+@nb.njit(cache=True)
+def set_thread_count(n):  # pragma: no cover - compiled
+    """``numba.set_num_threads(n)`` without its Python and ctypes, unchecked (1 <= n <=
+    NUMBA_NUM_THREADS is the caller's to keep)."""
+    _set_threads(n)
 
 
 # ---------------------------------------------------------------- statistics (forward pass 1)

@@ -41,6 +41,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -227,7 +228,8 @@ class CpuPath:
         self._pool_lock = threading.Lock()
         self._pool_pid: int | None = None  # the process numba's pool started in; -1: unusable
         self._on_pool: _OnPool = _no_pool  # runs a kernel on numba's pool, once the pool has started
-        self._cores_of: tuple[int, int] = (-1, 0)  # (pid, its usable cores), read once per process
+        self._usable = 0  # this process's usable cores, once read
+        _PATHS.add(self)  # a forked child resets both (_after_fork_in_child)
 
     # ------------------------------------------------------------------ selection
 
@@ -525,16 +527,24 @@ class CpuPath:
             with self._pool_lock:
                 if self._pool_pid is None:
                     self._pool_pid, self._on_pool = _start_pool(self._k)
-        return self._pool_pid == os.getpid()
+        return self._pool_pid > 0  # not in a child forked after the pool started (_forked)
 
     def _cores(self) -> int:
         """The usable cores (``_usable_cores``), read once per process: the affinity query is
         a system call, ~10 us after a large pass has flushed the caches."""
-        pid, cores = self._cores_of
-        if pid != os.getpid():
-            cores = _usable_cores()
-            self._cores_of = (os.getpid(), cores)
+        cores = self._usable
+        if not cores:
+            cores = self._usable = _usable_cores()
         return cores
+
+    def _forked(self) -> None:
+        """In a child process just forked: numba's pool, if the parent started it, is not
+        usable here (GNU OpenMP would abort), and the child may run on other cores. Set by
+        ``os.register_at_fork`` rather than read through ``os.getpid()`` at each call, a
+        system call that cost ~10 us there."""
+        if self._pool_pid is not None:
+            self._pool_pid, self._on_pool = -1, _no_pool
+        self._usable = 0
 
     def _split(self, view: _View, nbytes: int) -> tuple[int, int]:
         """(ranges, threads) for a pass over ``nbytes``: one range on the caller when small."""
@@ -603,6 +613,18 @@ def _out(view: _View, out: np.ndarray | None, like: np.ndarray) -> np.ndarray:
 _OnPool = Callable[[int, Callable[..., None], tuple[Any, ...]], None]
 
 
+_PATHS: weakref.WeakSet[CpuPath] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for path in list(_PATHS):
+        path._forked()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX; elsewhere there is no fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _no_pool(threads: int, kernel: Callable[..., None], args: tuple[Any, ...]) -> None:
     raise RuntimeError("numba's thread pool has not been started")  # pragma: no cover - guarded by _pool_ok
 
@@ -617,15 +639,10 @@ def _start_pool(kernels: ModuleType) -> tuple[int, _OnPool]:
     numba's thread count is a setting of the calling thread (``numba.set_num_threads``),
     the caller's as much as ours: ``on_pool`` sets it for the kernel only where it differs
     from what the kernel wants (``ANYBN_NUM_THREADS``, at most NUMBA_NUM_THREADS), and puts
-    the caller's back after. It reads and sets it through numba's own ``_get_num_threads`` /
-    ``_set_num_threads``, which the public functions call after their checks (the pool
-    started, 1 <= n <= NUMBA_NUM_THREADS: both ensured here): a call comes after a pass over
-    megabytes that has flushed the CPU's caches, and there the public function's Python
-    costs ~30 us against ~15 (see ``_empty``). The public functions where numba has no such
-    ones.
+    the caller's back after. It reads and sets it with ``_thread_counter`` (compiled calls
+    of the threading layer's own functions, where they work).
     """
     import numba
-    from numba.np.ufunc import parallel
 
     x = np.zeros((2, 1))
     try:
@@ -634,9 +651,7 @@ def _start_pool(kernels: ModuleType) -> tuple[int, _OnPool]:
     except Exception:  # no usable layer at all: Python threads serve
         return -1, _no_pool
     most = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
-    get, put = getattr(parallel, "_get_num_threads", None), getattr(parallel, "_set_num_threads", None)
-    if not (callable(get) and callable(put)):
-        get, put = numba.get_num_threads, numba.set_num_threads
+    get, put = _thread_counter(kernels)
 
     def on_pool(threads: int, kernel: Callable[..., None], args: tuple[Any, ...]) -> None:
         want = max(1, min(threads, most))
@@ -651,6 +666,47 @@ def _start_pool(kernels: ModuleType) -> tuple[int, _OnPool]:
             put(before if 1 <= before <= most else most)
 
     return (os.getpid() if layer in ("omp", "tbb") else -1), on_pool
+
+
+def _thread_counter(kernels: ModuleType) -> tuple[Callable[[], int], Callable[[int], None]]:
+    """Functions that read and set numba's thread count for the calling thread (after numba's
+    pool has started), the quickest that works here:
+
+    1. ``kernels.thread_count`` / ``set_thread_count``: compiled, they call the threading
+       layer's ``get_num_threads`` / ``set_num_threads`` directly;
+    2. numba's private ``_get_num_threads`` / ``_set_num_threads`` (ctypes functions of the
+       same two), which the public functions call after their checks;
+    3. the public ``numba.get_num_threads`` / ``set_num_threads``.
+
+    A call comes right after the previous call's passes have swept megabytes through the
+    CPU's caches, and there each layer of Python or ctypes is a run of cache misses: after
+    a 64 MiB copy, the compiled read added ~4 us to a call of ``_cpu_kernels.addresses``
+    (~15 us), the ctypes one ~9, and the public function took ~53 alone (medians of 60-80).
+    The first two are taken only where they read what the public function reads and move
+    it as the public one does.
+    """
+    import numba
+    from numba.np.ufunc import parallel
+
+    public_get, public_set = numba.get_num_threads, numba.set_num_threads
+    before = public_get()
+    other = 1 if before != 1 else min(2, numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
+    for get, put in ((getattr(kernels, "thread_count", None), getattr(kernels, "set_thread_count", None)),
+                     (getattr(parallel, "_get_num_threads", None), getattr(parallel, "_set_num_threads", None))):
+        if not (callable(get) and callable(put)):
+            continue
+        try:
+            if get() != before:
+                continue
+            put(other)
+            moved = public_get() == other
+            put(before)
+        except Exception:  # a numba without these symbols or functions: the next candidate
+            public_set(before)
+            continue
+        if moved and public_get() == before:
+            return get, put
+    return public_get, public_set
 
 
 def _streams(view: _View, moved: int, itemsize: int) -> bool:
