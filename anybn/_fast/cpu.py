@@ -541,7 +541,7 @@ class CpuPath:
         """In a child process just forked: numba's pool, if the parent started it, is not
         usable here (GNU OpenMP would abort), and the child may run on other cores. Set by
         ``os.register_at_fork`` rather than read through ``os.getpid()`` at each call, a
-        system call that cost ~10 us there."""
+        system call that cost ~13 us there."""
         if self._pool_pid is not None:
             self._pool_pid, self._on_pool = -1, _no_pool
         self._usable = 0
