@@ -137,6 +137,10 @@ def batch_norm_train(
     ``ANYBN_FAST_PATHS=0``) takes float64 sums of x shifted by one sample per feature in one
     pass over x, and writes y in a second.
     """
+    if comm is None and virtual_batch_size is None and activation is None and residual is None:
+        done = _fast.train_express(x, weight, bias, axis, eps)  # plain NumPy arrays: one step
+        if done is not None:
+            return done  # type: ignore[no-any-return]
     fn = "batch_norm_train"
     fused = activation is not None or residual is not None
     if fused:
@@ -488,6 +492,10 @@ def batch_norm_eval(
     -------
     y : array, same shape, dtype, namespace and device as ``x``.
     """
+    if activation is None and residual is None:
+        y = _fast.eval_express(x, mean, var, weight, bias, axis, eps)  # plain NumPy arrays: one step
+        if y is not None:
+            return y
     y, _ = _fixed("batch_norm_eval", x, mean, var, weight, bias, axis=axis, eps=eps, keep=False,
                   activation=activation, residual=residual)
     return y

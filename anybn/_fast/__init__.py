@@ -31,7 +31,7 @@ from typing import Any
 from .._env import EnvSetting
 from .._kernels import GENERIC, Kernels, Step
 
-__all__ = ["FastPath", "fast_paths_enabled", "kernels_for", "registered", "select"]
+__all__ = ["FastPath", "eval_express", "fast_paths_enabled", "kernels_for", "registered", "select", "train_express"]
 
 #: A fast path is a :class:`anybn._kernels.Kernels` implementation.
 FastPath = Kernels
@@ -87,6 +87,22 @@ def select(step: Step, xp: Any, *arrays: Any) -> Kernels | None:
         if path.serves(step, xp, arrays):
             return path
     return None
+
+
+def train_express(x: Any, weight: Any, bias: Any, axis: Any, eps: Any) -> Any:
+    """The plain NumPy training forward in one step (``CpuPath.train_express``) where the
+    first registered path has such a route, or None: the usual route serves (also before
+    the registry's first use, and before the CPU path's first call, which loads it)."""
+    paths = _REGISTRY
+    express = getattr(paths[0], "train_express", None) if paths and _FAST_PATHS() else None
+    return None if express is None else express(x, weight, bias, axis, eps)
+
+
+def eval_express(x: Any, mean: Any, var: Any, weight: Any, bias: Any, axis: Any, eps: Any) -> Any:
+    """As ``train_express``, for inference (``CpuPath.eval_express``)."""
+    paths = _REGISTRY
+    express = getattr(paths[0], "eval_express", None) if paths and _FAST_PATHS() else None
+    return None if express is None else express(x, mean, var, weight, bias, axis, eps)
 
 
 def kernels_for(step: Step, xp: Any, *arrays: Any) -> Kernels:

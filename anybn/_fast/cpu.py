@@ -39,6 +39,7 @@ machine code is cached on disk (see ``_cpu_kernels``).
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import threading
 import weakref
@@ -46,13 +47,13 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from .._env import EnvSetting
 from .._kernels import Activation
-from .._layout import Layout
+from .._layout import Layout, plain_numpy_layout
 from .._moments import GradSums, Sums
 from .._saved import BatchNormSaved
 
@@ -83,6 +84,7 @@ _GROUP_BYTES = 4 << 20
 _FEATURES_PER_THREAD = 4
 
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_F32, _F64 = _DTYPES
 _NUMPY_NAMESPACES = frozenset({"numpy", "array_api_compat.numpy"})
 
 
@@ -214,6 +216,37 @@ class _View:
         return a.reshape(self.folded)
 
 
+class _Plan(NamedTuple):
+    """How a whole step runs on one shape, dtype and axis under the thread settings of the
+    moment: worked out once (``CpuPath._plan``) and kept (``CpuPath._planned``)."""
+
+    layout: Layout
+    view: _View
+    folds: bool  # x must be reshaped to view.folded (not already of that shape)
+    stream: bool  # streaming stores (see _streams)
+    parts: int
+    threads: int  # on numba's pool where it can serve (_pool_ok), else Python threads
+    kernel: str  # "{step}_{rows|planes}_whole"; "_par" appended on the pool
+    by_groups: bool  # planes training steps: the kernel takes the parts (groups of features)
+
+
+# the plans a CpuPath keeps (shapes, dtypes, axes and thread settings seen), and a marker
+_PLANS_KEPT = 64
+_UNPLANNED = object()
+
+
+def _plain_vectors(vectors: tuple[Any, ...], required: int, features: int, dtype: np.dtype) -> bool:
+    """Whether each vector is an exact ndarray of shape (features,) and ``dtype``, the first
+    ``required`` of them present and the rest None or so (``plain_numpy_layout``'s rule)."""
+    want = (features,)
+    for i, v in enumerate(vectors):
+        if v is None and i >= required:
+            continue
+        if type(v) is not np.ndarray or v.shape != want or (v.dtype is not dtype and v.dtype != dtype):
+            return False
+    return True
+
+
 class CpuPath:
     """The fused CPU kernels; see the module docstring for what they serve."""
 
@@ -229,6 +262,7 @@ class CpuPath:
         self._pool_pid: int | None = None  # the process numba's pool started in; -1: unusable
         self._on_pool: _OnPool = _no_pool  # runs a kernel on numba's pool, once the pool has started
         self._usable = 0  # this process's usable cores, once read
+        self._plans: dict[tuple[Any, ...], _Plan | None] = {}  # see _planned
         _PATHS.add(self)  # a forked child resets both (_after_fork_in_child)
 
     # ------------------------------------------------------------------ selection
@@ -349,69 +383,26 @@ class CpuPath:
 
     def train_whole(self, xp: Any, x: np.ndarray, layout: Layout, weight: Any, bias: Any, eps: float, *,
                     activation: str | None = None) -> tuple[np.ndarray, BatchNormSaved] | None:
-        view = _View(layout)
-        plan = self._whole_plan(view, x.nbytes)
-        if plan is None:
-            return None
-        xv = view.fold(x)
-        coef = np.empty((6, view.features), dtype=x.dtype)  # pivot, scale, shift, invstd, var, delta
-        stream = _streams(view, 2 * x.nbytes, x.itemsize)
-        y = _empty(xv, stream, self._k)
-        args = (xv, eps, _given(weight), _given(bias), self._k.ACT_CODES[activation], stream)
-        # what is returned is built before the kernel fills it: after the kernel's passes,
-        # each line of Python run is a cache miss (these ones took ~40 us there, see _empty)
-        pivot, scale, shift, invstd, var, delta = coef
-        saved = BatchNormSaved(x=x, mean=pivot, invstd=invstd, var=var, weight=weight, has_bias=bias is not None,
-                               axis=layout.axis, eps=eps, count=view.count, pivot=pivot, delta=delta, layout=layout)
-        if activation is not None:  # backward recomputes z from x and these
-            saved.act = Activation(activation, pivot, scale, shift, None)
-        result = y.reshape(x.shape), saved
-        self._run_whole("train", view, args, plan, y, coef)
-        return result
+        plan = self._planned("train", x, layout)
+        return None if plan is None else self._train(plan, x, weight, bias, eps, activation)
 
     def eval_whole(self, xp: Any, x: np.ndarray, layout: Layout, mean: Any, var: Any, weight: Any, bias: Any,
                    eps: float, *, activation: str | None = None) -> np.ndarray | None:
-        # lean: on small inputs this call is most of inference's time (256 x 64: ~5 us of ~12)
-        rows = layout.inner == 1
-        c = layout.features
-        xv = x.reshape((layout.outer, c) if rows else layout.folded_shape)
-        coef = np.empty((3, c), dtype=x.dtype)
-        k = self._k
-        act = k.ACT_CODES[activation]
-        if x.nbytes < _PARALLEL_MIN_BYTES:
-            y = np.empty_like(xv)
-            args = (xv, np.asarray(mean), np.asarray(var), eps, _given(weight), _given(bias), act, False)
-            (k.eval_rows_whole if rows else k.eval_planes_whole)(*args, y, coef)
-            return y.reshape(x.shape)
-        view = _View(layout)
-        stream = _streams(view, 2 * x.nbytes, x.itemsize)
-        y = _empty(xv, stream, self._k)
-        result = y.reshape(x.shape)  # before the pass, as in train_whole
-        args = (xv, np.asarray(mean), np.asarray(var), eps, _given(weight), _given(bias), act, stream)
-        plan = self._whole_plan(view, x.nbytes, by_feature=False)
-        assert plan is not None  # only planes training steps decline
-        parts, threads, pooled = plan
-        if pooled:
-            self._on_pool(threads, k.eval_rows_whole_par if rows else k.eval_planes_whole_par, (*args, parts, y, coef))
-        elif threads > 1:
-            k.eval_coefficients(*args[1:6], coef)
-            self._threads.run(lambda i, lo, hi: self._apply_range(view, xv, coef, act, stream, lo, hi, y),
-                              view.units, parts, threads)
-        else:
-            (k.eval_rows_whole if rows else k.eval_planes_whole)(*args, y, coef)
-        return result
+        plan = self._planned("eval", x, layout)
+        assert plan is not None  # only training steps decline
+        return self._eval(plan, x, np.asarray(mean), np.asarray(var), weight, bias, eps,
+                          self._k.ACT_CODES[activation])
 
     def backward_whole(self, xp: Any, dy: np.ndarray, saved: BatchNormSaved,
                        layout: Layout) -> tuple[np.ndarray, Any, Any] | None:
         x, act = saved.x, saved.act
-        view = _View(layout)
         if not saved.batch_stats or saved.pivot is None or (act is not None and act.residual is not None):
             return None
-        plan = self._whole_plan(view, 2 * x.nbytes)
+        plan = self._planned("backward", x, layout)
         if plan is None:
             return None
-        stream = _streams(view, 3 * x.nbytes, x.itemsize)
-        dx = _empty(view.fold(x), stream, self._k)
+        view = plan.view
+        dx = _empty(view.fold(x), plan.stream, self._k)
         coef = np.empty((5, view.features), dtype=x.dtype)  # a, b, k, dweight, dbias
         k = self._k
         fused: tuple[Any, ...] = (0, _ABSENT_X[x.dtype], _ABSENT_X[x.dtype], _ABSENT_X[x.dtype])
@@ -420,30 +411,140 @@ class CpuPath:
             fused = (k.ACT_CODES[act.kind], _vector(act.pivot, x.dtype, c), _vector(act.scale, x.dtype, c),
                      _vector(act.shift, x.dtype, c))
         args = (view.fold(x), view.fold(dy), np.asarray(saved.pivot, dtype=x.dtype), np.asarray(saved.invstd),
-                _given(saved.weight), np.asarray(saved.delta), True, *fused, stream)
+                _given(saved.weight), np.asarray(saved.delta), True, *fused, plan.stream)
         result = (dx.reshape(x.shape), None if saved.weight is None else coef[3],
-                  coef[4] if saved.has_bias else None)  # before the passes, as in train_whole
-        self._run_whole("backward", view, args, plan, dx, coef)
+                  coef[4] if saved.has_bias else None)  # before the passes, as in _train
+        self._run_whole(plan, args, dx, coef)
         return result
 
-    def _run_whole(self, step: str, view: _View, args: tuple[Any, ...], plan: tuple[int, int, bool],
-                   out: np.ndarray, coef: np.ndarray) -> None:
-        """``{step}_{rows|planes}_whole`` (``_par`` on numba's pool) as ``plan`` says."""
-        parts, threads, pooled = plan
-        whole = getattr(self._k, f"{step}_{'rows' if view.rows else 'planes'}_whole")
-        if pooled:
-            self._on_pool(threads, getattr(self._k, whole.__name__ + "_par"), (*args, parts, out, coef))
-        elif threads > 1:  # the same kernels on Python threads: the same bits
-            (self._train_threaded if step == "train" else self._backward_threaded)(view, args, parts, threads,
-                                                                                  out, coef)
-        elif view.rows:
-            whole(*args, out, coef)
-        else:  # planes: the groups of features in turn
-            whole(*args, parts, out, coef)
+    # ----------------------------------------------- the express route of plain NumPy calls
 
-    def _whole_plan(self, view: _View, nbytes: int, by_feature: bool = True) -> tuple[int, int, bool] | None:
-        """(parts, threads, on numba's pool) for a whole step over ``nbytes`` (x, or x and dy),
-        or None where the stages should serve.
+    def train_express(self, x: Any, weight: Any, bias: Any, axis: Any,
+                      eps: Any) -> tuple[np.ndarray, BatchNormSaved] | None:
+        """``batch_norm_train(x, weight, bias, axis=axis, eps=eps)`` in one step, or None.
+
+        The plain call (exact C-contiguous float32/float64 ndarrays, vectors of shape (C,)
+        and x's dtype or None, a Python int axis in range, a finite float eps > 0, a step this
+        path serves) skips the usual route's layers: validation, the path's choice and the
+        plan are one function and a cached plan, and the kernels, their plan and the results
+        are the usual route's (``tests/test_express.py``: the same bits). Anything else,
+        errors included, returns None and takes the usual route, which decides and words
+        the errors. Why: a call comes right after the previous call's passes have swept
+        megabytes through the CPU's caches, and there each layer of Python is a run of cache
+        misses: the usual route's Python took ~170 us more than a bare kernel call after a
+        128 MiB sweep (1 MiB inference), the same work in one function ~40 (docs/benchmarks.md).
+        """
+        plan = self._express_plan("train", x, axis, eps)
+        if plan is None or not _plain_vectors((weight, bias), 0, plan.layout.features, x.dtype):
+            return None
+        return self._train(plan, x, weight, bias, eps, None)
+
+    def eval_express(self, x: Any, mean: Any, var: Any, weight: Any, bias: Any, axis: Any,
+                     eps: Any) -> np.ndarray | None:
+        """``batch_norm_eval(x, mean, var, weight, bias, axis=axis, eps=eps)`` in one step, or
+        None: as ``train_express``, with mean and var required."""
+        plan = self._express_plan("eval", x, axis, eps)
+        if plan is None or not _plain_vectors((mean, var, weight, bias), 2, plan.layout.features, x.dtype):
+            return None
+        return self._eval(plan, x, mean, var, weight, bias, eps, 0)
+
+    def _express_plan(self, step: str, x: Any, axis: Any, eps: Any) -> _Plan | None:
+        """The cached plan of ``step`` for a plain call's x, axis and eps, or None."""
+        if (type(x) is not np.ndarray or type(axis) is not int or type(eps) is not float
+                or not 0.0 < eps < math.inf or self._kernels is None or not x.flags.c_contiguous):
+            return None
+        shape, dtype = x.shape, x.dtype
+        ndim = len(shape)
+        if not -ndim <= axis < ndim or (dtype is not _F32 and dtype is not _F64 and dtype not in _DTYPES):
+            return None  # (the native float dtypes are those objects, save in odd cases)
+        axis %= ndim
+        plan = self._plans.get((step, shape, dtype.char, axis, _THREAD_CAP(), _WAIT_POLICY_PASSIVE()), _UNPLANNED)
+        if plan is _UNPLANNED:  # a new shape: the usual route's checks and plan
+            layout = plain_numpy_layout(x, axis, {}, ())
+            if layout is None:
+                return None
+            plan = self._planned(step, x, layout)
+        return plan  # type: ignore[return-value]
+
+    # ----------------------------------------------- plans, and the steps they run
+
+    def _planned(self, step: str, x: np.ndarray, layout: Layout) -> _Plan | None:
+        """``_plan``, cached per shape, dtype, axis and the thread settings read at each call
+        (``ANYBN_NUM_THREADS``, ``OMP_WAIT_POLICY``); a forked child starts afresh."""
+        key = (step, layout.shape, x.dtype.char, layout.axis, _THREAD_CAP(), _WAIT_POLICY_PASSIVE())
+        plan = self._plans.get(key, _UNPLANNED)
+        if plan is _UNPLANNED:
+            plan = self._plan(step, x, layout)
+            if len(self._plans) >= _PLANS_KEPT:
+                self._plans.clear()
+            self._plans[key] = plan
+        return plan  # type: ignore[return-value]
+
+    def _plan(self, step: str, x: np.ndarray, layout: Layout) -> _Plan | None:
+        """How ``step`` ("train", "eval", "backward") runs on x: None where the stages serve."""
+        view = _View(layout)
+        moved = {"train": 2, "eval": 2, "backward": 3}[step] * x.nbytes
+        if step == "train" and layout.per_feature < 2:
+            return None  # functional refuses it; the stages would too
+        split = self._whole_split(view, (2 if step == "backward" else 1) * x.nbytes, by_feature=step != "eval")
+        if split is None:
+            return None
+        parts, threads = split
+        stream = x.nbytes >= _PARALLEL_MIN_BYTES and _streams(view, moved, x.itemsize)
+        return _Plan(layout, view, view.folded != layout.shape, stream, parts, threads,
+                     f"{step}_{'rows' if view.rows else 'planes'}_whole", not view.rows and step != "eval")
+
+    def _train(self, plan: _Plan, x: np.ndarray, weight: Any, bias: Any, eps: float,
+               activation: str | None) -> tuple[np.ndarray, BatchNormSaved]:
+        view, layout = plan.view, plan.layout
+        xv = x.reshape(view.folded) if plan.folds else x
+        coef = np.empty((6, view.features), dtype=x.dtype)  # pivot, scale, shift, invstd, var, delta
+        y = _empty(xv, plan.stream, self._k)
+        args = (xv, eps, _given(weight), _given(bias), self._k.ACT_CODES[activation], plan.stream)
+        # what is returned is built before the kernel fills it: after the kernel's passes,
+        # each line of Python run is a cache miss (these ones took ~40 us there, see _empty)
+        pivot, scale, shift, invstd, var, delta = coef
+        saved = BatchNormSaved(x=x, mean=pivot, invstd=invstd, var=var, weight=weight, has_bias=bias is not None,
+                               axis=layout.axis, eps=eps, count=view.count, pivot=pivot, delta=delta, layout=layout)
+        if activation is not None:  # backward recomputes z from x and these
+            saved.act = Activation(activation, pivot, scale, shift, None)
+        result = (y.reshape(x.shape) if plan.folds else y), saved
+        self._run_whole(plan, args, y, coef)
+        return result
+
+    def _eval(self, plan: _Plan, x: np.ndarray, mean: np.ndarray, var: np.ndarray, weight: Any, bias: Any,
+              eps: float, act: int) -> np.ndarray:
+        view = plan.view
+        xv = x.reshape(view.folded) if plan.folds else x
+        coef = np.empty((3, view.features), dtype=x.dtype)
+        y = _empty(xv, plan.stream, self._k)
+        result = y.reshape(x.shape) if plan.folds else y  # before the pass, as in _train
+        args = (xv, mean, var, eps, _given(weight), _given(bias), act, plan.stream)
+        if plan.threads > 1 and not self._pool_ok():  # Python threads: the coefficients, then the pass
+            self._k.eval_coefficients(*args[1:6], coef)
+            self._threads.run(lambda i, lo, hi: self._apply_range(view, xv, coef, act, plan.stream, lo, hi, y),
+                              view.units, plan.parts, plan.threads)
+        else:
+            self._run_whole(plan, args, y, coef)
+        return result
+
+    def _run_whole(self, plan: _Plan, args: tuple[Any, ...], out: np.ndarray, coef: np.ndarray) -> None:
+        """``plan.kernel`` (``_par`` on numba's pool) as ``plan`` says. The kernels are looked
+        up by name, and the pool's state read, at each call: a kernel replaced on the module
+        is the one run."""
+        if plan.threads > 1 and self._pool_ok():
+            self._on_pool(plan.threads, getattr(self._k, plan.kernel + "_par"), (*args, plan.parts, out, coef))
+        elif plan.threads > 1:  # the same kernels on Python threads: the same bits
+            threaded = self._train_threaded if plan.kernel.startswith("train") else self._backward_threaded
+            threaded(plan.view, args, plan.parts, plan.threads, out, coef)
+        elif plan.by_groups:  # planes training steps: the groups of features in turn
+            getattr(self._k, plan.kernel)(*args, plan.parts, out, coef)
+        else:
+            getattr(self._k, plan.kernel)(*args, out, coef)
+
+    def _whole_split(self, view: _View, nbytes: int, by_feature: bool = True) -> tuple[int, int] | None:
+        """(parts, threads) for a whole step over ``nbytes`` (x, or x and dy), or None where
+        the stages should serve.
 
         Rows, and planes inference (``by_feature=False``): the ranges of ``_split``. Planes
         training steps go by groups of features (see ``train_planes_features``): groups of
@@ -460,8 +561,7 @@ class CpuPath:
                 return None
             groups = -(-features // max(1, _GROUP_BYTES // per_feature))  # ceiling divisions
             parts = min(features, -(-groups // threads) * threads)
-        pooled = threads > 1 and self._pool_ok()
-        return parts, threads, pooled
+        return parts, threads
 
     def _train_threaded(self, view: _View, args: tuple[Any, ...], parts: int, threads: int, y: np.ndarray,
                         coef: np.ndarray) -> None:
@@ -545,6 +645,7 @@ class CpuPath:
         if self._pool_pid is not None:
             self._pool_pid, self._on_pool = -1, _no_pool
         self._usable = 0
+        self._plans = {}
 
     def _split(self, view: _View, nbytes: int) -> tuple[int, int]:
         """(ranges, threads) for a pass over ``nbytes``: one range on the caller when small."""
