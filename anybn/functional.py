@@ -531,6 +531,9 @@ def batch_norm_backward(dy: Array, saved: BatchNormSaved) -> tuple[Array, ...]:
     dresidual : array, same shape and dtype as the residual
         Only when the forward pass was given ``residual=``: a fourth value.
     """
+    done = _fast.backward_express(dy, saved)  # plain NumPy arrays: one step
+    if done is not None:
+        return done  # type: ignore[no-any-return]
     fn = "batch_norm_backward"
     if not isinstance(saved, BatchNormSaved):
         raise TypeError(

@@ -1,4 +1,5 @@
-"""The express route of plain NumPy calls (``CpuPath.train_express`` / ``eval_express``).
+"""The express route of plain NumPy calls (``CpuPath.train_express``, ``eval_express``,
+``backward_express``).
 
 It exists for speed only: it must give the usual route's bits (same kernels, same plan),
 decline (None) everything off the common case so that the usual route decides and words
@@ -43,6 +44,7 @@ def _usual(monkeypatch):
     """Switch the express route off (the public functions then take the usual route)."""
     monkeypatch.setattr(_fast, "train_express", lambda *args: None)
     monkeypatch.setattr(_fast, "eval_express", lambda *args: None)
+    monkeypatch.setattr(_fast, "backward_express", lambda *args: None)
 
 
 def _same_bits(got, want, what):
@@ -67,7 +69,8 @@ def test_express_gives_the_usual_routes_bits(monkeypatch, shape, axis, affine, d
     assert express is not None
     y_eval = path.eval_express(x, express[1].mean, express[1].var, w, b, axis, 1e-5)
     assert y_eval is not None
-    grads = anybn.batch_norm_backward(dy, express[1])
+    grads = path.backward_express(dy, express[1])
+    assert grads is not None
     _usual(monkeypatch)
     y, saved = anybn.batch_norm_train(x, w, b, axis=axis)
     _same_bits(express[0], y, "y")
@@ -192,3 +195,45 @@ def test_plans_are_kept_for_a_bounded_number_of_shapes():
         x = np.ones((rows, 3), np.float32)
         assert path.train_express(x, None, None, 1, 1e-5) is not None
         assert len(path._plans) <= cpu._PLANS_KEPT
+
+
+def _declined_backward():
+    x = (np.ones((6, 4)) + np.arange(6.0)[:, None] * np.arange(1.0, 5.0)).astype(np.float32)
+    dy = np.ones_like(x)
+    c = np.ones(4, np.float32)
+    _, plain = anybn.batch_norm_train(x, c, c)
+    _, fixed = anybn.batch_norm_fixed(x, c, c)
+    _, with_residual = anybn.batch_norm_train(x, activation="relu", residual=x)
+    _, ghost = anybn.batch_norm_train(np.concatenate([x, x + 1]), virtual_batch_size=6)
+    _, renorm = anybn.batch_renorm_train(x, c, c, np.zeros(4, np.float32), c, rmax=1.5, dmax=0.5)
+    return {
+        "dy float16": (dy.astype(np.float16), plain),
+        "dy float64": (dy.astype(np.float64), plain),
+        "dy list": (dy.tolist(), plain),
+        "dy wrong shape": (dy[:5], plain),
+        "dy fortran order": (np.asfortranarray(dy), plain),
+        "dy strided": (np.repeat(dy, 2, axis=1)[:, ::2], plain),
+        "fixed statistics": (dy, fixed),
+        "residual": (dy, with_residual),
+        "ghost": (np.concatenate([dy, dy]), ghost),
+        "renorm": (dy, renorm),
+        "not a saved state": (dy, {"x": x}),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_declined_backward()))
+def test_express_backward_declines_what_the_usual_route_must_decide(case):
+    path = _cpu_path()
+    dy, saved = _declined_backward()[case]
+    assert path.backward_express(dy, saved) is None
+
+
+def test_express_backward_serves_fused_activations_as_the_usual_route(monkeypatch):
+    path = _cpu_path()
+    x, dy, w, b = _data((1024, 256), 1, np.float32)
+    _, saved = anybn.batch_norm_train(x, w, b, activation="relu")
+    express = path.backward_express(dy, saved)
+    assert express is not None
+    _usual(monkeypatch)
+    for got, want in zip(express, anybn.batch_norm_backward(dy, saved)):
+        _same_bits(got, want, "relu backward")

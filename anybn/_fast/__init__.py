@@ -31,7 +31,7 @@ from typing import Any
 from .._env import EnvSetting
 from .._kernels import GENERIC, Kernels, Step
 
-__all__ = ["FastPath", "eval_express", "fast_paths_enabled", "kernels_for", "registered", "select", "train_express"]
+__all__ = ["FastPath", "backward_express", "eval_express", "fast_paths_enabled", "kernels_for", "registered", "select", "train_express"]
 
 #: A fast path is a :class:`anybn._kernels.Kernels` implementation.
 FastPath = Kernels
@@ -103,6 +103,13 @@ def eval_express(x: Any, mean: Any, var: Any, weight: Any, bias: Any, axis: Any,
     paths = _REGISTRY
     express = getattr(paths[0], "eval_express", None) if paths and _FAST_PATHS() else None
     return None if express is None else express(x, mean, var, weight, bias, axis, eps)
+
+
+def backward_express(dy: Any, saved: Any) -> Any:
+    """As ``train_express``, for backward (``CpuPath.backward_express``)."""
+    paths = _REGISTRY
+    express = getattr(paths[0], "backward_express", None) if paths and _FAST_PATHS() else None
+    return None if express is None else express(dy, saved)
 
 
 def kernels_for(step: Step, xp: Any, *arrays: Any) -> Kernels:

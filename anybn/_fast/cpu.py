@@ -395,27 +395,11 @@ class CpuPath:
 
     def backward_whole(self, xp: Any, dy: np.ndarray, saved: BatchNormSaved,
                        layout: Layout) -> tuple[np.ndarray, Any, Any] | None:
-        x, act = saved.x, saved.act
+        act = saved.act
         if not saved.batch_stats or saved.pivot is None or (act is not None and act.residual is not None):
             return None
-        plan = self._planned("backward", x, layout)
-        if plan is None:
-            return None
-        view = plan.view
-        dx = _empty(view.fold(x), plan.stream, self._k)
-        coef = np.empty((5, view.features), dtype=x.dtype)  # a, b, k, dweight, dbias
-        k = self._k
-        fused: tuple[Any, ...] = (0, _ABSENT_X[x.dtype], _ABSENT_X[x.dtype], _ABSENT_X[x.dtype])
-        if act is not None:
-            c = view.features
-            fused = (k.ACT_CODES[act.kind], _vector(act.pivot, x.dtype, c), _vector(act.scale, x.dtype, c),
-                     _vector(act.shift, x.dtype, c))
-        args = (view.fold(x), view.fold(dy), np.asarray(saved.pivot, dtype=x.dtype), np.asarray(saved.invstd),
-                _given(saved.weight), np.asarray(saved.delta), True, *fused, plan.stream)
-        result = (dx.reshape(x.shape), None if saved.weight is None else coef[3],
-                  coef[4] if saved.has_bias else None)  # before the passes, as in _train
-        self._run_whole(plan, args, dx, coef)
-        return result
+        plan = self._planned("backward", saved.x, layout)
+        return None if plan is None else self._backward(plan, dy, saved)
 
     # ----------------------------------------------- the express route of plain NumPy calls
 
@@ -447,6 +431,29 @@ class CpuPath:
         if plan is None or not _plain_vectors((mean, var, weight, bias), 2, plan.layout.features, x.dtype):
             return None
         return self._eval(plan, x, mean, var, weight, bias, eps, 0)
+
+    def backward_express(self, dy: Any, saved: Any) -> tuple[np.ndarray, Any, Any] | None:
+        """``batch_norm_backward(dy, saved)`` in one step, or None: as ``train_express``, for a
+        ``saved`` of a training forward (fused with an activation or not, no residual) on an
+        exact C-contiguous ndarray x, and dy an exact C-contiguous ndarray of x's shape and
+        dtype."""
+        if type(saved) is not BatchNormSaved or type(dy) is not np.ndarray or self._kernels is None:
+            return None
+        x, act, layout = saved.x, saved.act, saved.layout
+        if (type(x) is not np.ndarray or layout is None or not saved.batch_stats or saved.pivot is None
+                or saved.r is not None or saved.groups is not None or saved.comm is not None
+                or (act is not None and act.residual is not None)):
+            return None
+        dtype = x.dtype
+        if ((dtype is not _F32 and dtype is not _F64 and dtype not in _DTYPES) or dy.shape != x.shape
+                or (dy.dtype is not dtype and dy.dtype != dtype) or not x.flags.c_contiguous
+                or not dy.flags.c_contiguous or layout.shape != x.shape):
+            return None
+        plan = self._plans.get(("backward", layout.shape, dtype.char, layout.axis, _THREAD_CAP(),
+                                _WAIT_POLICY_PASSIVE()), _UNPLANNED)
+        if plan is _UNPLANNED:
+            plan = self._planned("backward", x, layout)
+        return None if plan is None else self._backward(plan, dy, saved)  # type: ignore[arg-type]
 
     def _express_plan(self, step: str, x: Any, axis: Any, eps: Any) -> _Plan | None:
         """The cached plan of ``step`` for a plain call's x, axis and eps, or None."""
@@ -526,6 +533,23 @@ class CpuPath:
                               view.units, plan.parts, plan.threads)
         else:
             self._run_whole(plan, args, y, coef)
+        return result
+
+    def _backward(self, plan: _Plan, dy: np.ndarray, saved: BatchNormSaved) -> tuple[np.ndarray, Any, Any]:
+        x, act, view = saved.x, saved.act, plan.view
+        dx = _empty(view.fold(x), plan.stream, self._k)
+        coef = np.empty((5, view.features), dtype=x.dtype)  # a, b, k, dweight, dbias
+        k = self._k
+        fused: tuple[Any, ...] = (0, _ABSENT_X[x.dtype], _ABSENT_X[x.dtype], _ABSENT_X[x.dtype])
+        if act is not None:
+            c = view.features
+            fused = (k.ACT_CODES[act.kind], _vector(act.pivot, x.dtype, c), _vector(act.scale, x.dtype, c),
+                     _vector(act.shift, x.dtype, c))
+        args = (view.fold(x), view.fold(dy), np.asarray(saved.pivot, dtype=x.dtype), np.asarray(saved.invstd),
+                _given(saved.weight), np.asarray(saved.delta), True, *fused, plan.stream)
+        result = (dx.reshape(x.shape), None if saved.weight is None else coef[3],
+                  coef[4] if saved.has_bias else None)  # before the passes, as in _train
+        self._run_whole(plan, args, dx, coef)
         return result
 
     def _run_whole(self, plan: _Plan, args: tuple[Any, ...], out: np.ndarray, coef: np.ndarray) -> None:
