@@ -383,12 +383,12 @@ class CpuPath:
 
     def train_whole(self, xp: Any, x: np.ndarray, layout: Layout, weight: Any, bias: Any, eps: float, *,
                     activation: str | None = None) -> tuple[np.ndarray, BatchNormSaved] | None:
-        plan = self._planned("train", x, layout)
+        plan = self._planned("train", x, layout.axis, layout)
         return None if plan is None else self._train(plan, x, weight, bias, eps, activation)
 
     def eval_whole(self, xp: Any, x: np.ndarray, layout: Layout, mean: Any, var: Any, weight: Any, bias: Any,
                    eps: float, *, activation: str | None = None) -> np.ndarray | None:
-        plan = self._planned("eval", x, layout)
+        plan = self._planned("eval", x, layout.axis, layout)
         assert plan is not None  # only training steps decline
         return self._eval(plan, x, np.asarray(mean), np.asarray(var), weight, bias, eps,
                           self._k.ACT_CODES[activation])
@@ -398,7 +398,7 @@ class CpuPath:
         act = saved.act
         if not saved.batch_stats or saved.pivot is None or (act is not None and act.residual is not None):
             return None
-        plan = self._planned("backward", saved.x, layout)
+        plan = self._planned("backward", saved.x, layout.axis, layout)
         return None if plan is None else self._backward(plan, dy, saved)
 
     # ----------------------------------------------- the express route of plain NumPy calls
@@ -449,39 +449,32 @@ class CpuPath:
                 or (dy.dtype is not dtype and dy.dtype != dtype) or not x.flags.c_contiguous
                 or not dy.flags.c_contiguous or layout.shape != x.shape):
             return None
-        plan = self._plans.get(("backward", layout.shape, dtype.char, layout.axis, _THREAD_CAP(),
-                                _WAIT_POLICY_PASSIVE()), _UNPLANNED)
-        if plan is _UNPLANNED:
-            plan = self._planned("backward", x, layout)
-        return None if plan is None else self._backward(plan, dy, saved)  # type: ignore[arg-type]
+        plan = self._planned("backward", x, layout.axis, layout)
+        return None if plan is None else self._backward(plan, dy, saved)
 
     def _express_plan(self, step: str, x: Any, axis: Any, eps: Any) -> _Plan | None:
         """The cached plan of ``step`` for a plain call's x, axis and eps, or None."""
         if (type(x) is not np.ndarray or type(axis) is not int or type(eps) is not float
                 or not 0.0 < eps < math.inf or self._kernels is None or not x.flags.c_contiguous):
             return None
-        shape, dtype = x.shape, x.dtype
-        ndim = len(shape)
+        dtype = x.dtype
+        ndim = x.ndim
         if not -ndim <= axis < ndim or (dtype is not _F32 and dtype is not _F64 and dtype not in _DTYPES):
             return None  # (the native float dtypes are those objects, save in odd cases)
-        axis %= ndim
-        plan = self._plans.get((step, shape, dtype.char, axis, _THREAD_CAP(), _WAIT_POLICY_PASSIVE()), _UNPLANNED)
-        if plan is _UNPLANNED:  # a new shape: the usual route's checks and plan
-            layout = plain_numpy_layout(x, axis, {}, ())
-            if layout is None:
-                return None
-            plan = self._planned(step, x, layout)
-        return plan  # type: ignore[return-value]
+        return self._planned(step, x, axis % ndim)
 
     # ----------------------------------------------- plans, and the steps they run
 
-    def _planned(self, step: str, x: np.ndarray, layout: Layout) -> _Plan | None:
-        """``_plan``, cached per shape, dtype, axis and the thread settings read at each call
-        (``ANYBN_NUM_THREADS``, ``OMP_WAIT_POLICY``); a forked child starts afresh."""
-        key = (step, layout.shape, x.dtype.char, layout.axis, _THREAD_CAP(), _WAIT_POLICY_PASSIVE())
+    def _planned(self, step: str, x: np.ndarray, axis: int, layout: Layout | None = None) -> _Plan | None:
+        """``_plan`` for x (float32 or float64) and its normalized feature axis, kept per
+        shape, dtype, axis and the thread settings read at each call (``ANYBN_NUM_THREADS``,
+        ``OMP_WAIT_POLICY``); a forked child starts afresh. ``layout``: x's, where known;
+        else folded here on a new shape (None for x the fold does not take)."""
+        key = (step, x.shape, x.dtype.char, axis, _THREAD_CAP(), _WAIT_POLICY_PASSIVE())
         plan = self._plans.get(key, _UNPLANNED)
         if plan is _UNPLANNED:
-            plan = self._plan(step, x, layout)
+            layout = layout if layout is not None else plain_numpy_layout(x, axis, {}, ())
+            plan = None if layout is None else self._plan(step, x, layout)
             if len(self._plans) >= _PLANS_KEPT:
                 self._plans.clear()
             self._plans[key] = plan
