@@ -162,8 +162,9 @@ def test_declined_calls_raise_the_usual_routes_errors():
 
 
 def test_express_follows_the_environment_at_each_call(monkeypatch):
-    """ANYBN_FAST_PATHS=0 sends plain calls to the generic path; ANYBN_NUM_THREADS changes
-    the plan (one thread: the one-thread kernel; two: numba's pool), with the same bits."""
+    """ANYBN_FAST_PATHS=0 sends plain calls to the generic path; ANYBN_NUM_THREADS and
+    OMP_WAIT_POLICY change the plan (one thread: the one-thread kernel; two: numba's pool),
+    with the same bits."""
     from anybn._fast import _cpu_kernels as k
 
     path = _cpu_path()
@@ -181,10 +182,15 @@ def test_express_follows_the_environment_at_each_call(monkeypatch):
     y1, _ = anybn.batch_norm_train(x, w, b)
     monkeypatch.setenv("ANYBN_NUM_THREADS", "2")
     y2, _ = anybn.batch_norm_train(x, w, b)
-    assert ran[0] == "train_rows_whole"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # sleeping workers: below 8 MiB, one thread
+    y3, _ = anybn.batch_norm_train(x, w, b)
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    y4, _ = anybn.batch_norm_train(x, w, b)
+    assert ran[0] == "train_rows_whole" and ran[2] == "train_rows_whole"
     if path._pool_ok():
-        assert ran == ["train_rows_whole", "train_rows_whole_par"]
-    np.testing.assert_array_equal(y1, y2)
+        assert ran == ["train_rows_whole", "train_rows_whole_par", "train_rows_whole", "train_rows_whole_par"]
+    for y in (y2, y3, y4):
+        np.testing.assert_array_equal(y1, y)
 
 
 def test_plans_are_kept_for_a_bounded_number_of_shapes():

@@ -470,7 +470,9 @@ class CpuPath:
         shape, dtype, axis and the thread settings read at each call (``ANYBN_NUM_THREADS``,
         ``OMP_WAIT_POLICY``); a forked child starts afresh. ``layout``: x's, where known;
         else folded here on a new shape (None for x the fold does not take)."""
-        key = (step, x.shape, x.dtype.char, axis, _THREAD_CAP(), _WAIT_POLICY_PASSIVE())
+        # OMP_WAIT_POLICY only decides below _PASSIVE_MIN_BYTES (see _split); each read costs
+        passive = x.nbytes < _PASSIVE_MIN_BYTES and _WAIT_POLICY_PASSIVE()
+        key = (step, x.shape, x.dtype.char, axis, _THREAD_CAP(), passive)
         plan = self._plans.get(key, _UNPLANNED)
         if plan is _UNPLANNED:
             layout = layout if layout is not None else plain_numpy_layout(x, axis, {}, ())
@@ -500,7 +502,9 @@ class CpuPath:
         xv = x.reshape(view.folded) if plan.folds else x
         coef = np.empty((6, view.features), dtype=x.dtype)  # pivot, scale, shift, invstd, var, delta
         y = _empty(xv, plan.stream, self._k)
-        args = (xv, eps, _given(weight), _given(bias), self._k.ACT_CODES[activation], plan.stream)
+        w = weight if type(weight) is np.ndarray else _given(weight)  # no call for the common case
+        b = bias if type(bias) is np.ndarray else _given(bias)
+        args = (xv, eps, w, b, self._k.ACT_CODES[activation], plan.stream)
         # what is returned is built before the kernel fills it: after the kernel's passes,
         # each line of Python run is a cache miss (these ones took ~40 us there, see _empty)
         pivot, scale, shift, invstd, var, delta = coef
@@ -519,7 +523,9 @@ class CpuPath:
         coef = np.empty((3, view.features), dtype=x.dtype)
         y = _empty(xv, plan.stream, self._k)
         result = y.reshape(x.shape) if plan.folds else y  # before the pass, as in _train
-        args = (xv, mean, var, eps, _given(weight), _given(bias), act, plan.stream)
+        w = weight if type(weight) is np.ndarray else _given(weight)  # as in _train
+        b = bias if type(bias) is np.ndarray else _given(bias)
+        args = (xv, mean, var, eps, w, b, act, plan.stream)
         if plan.threads > 1 and not self._pool_ok():  # Python threads: the coefficients, then the pass
             self._k.eval_coefficients(*args[1:6], coef)
             self._threads.run(lambda i, lo, hi: self._apply_range(view, xv, coef, act, plan.stream, lo, hi, y),
