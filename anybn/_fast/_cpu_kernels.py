@@ -94,7 +94,7 @@ def _set_threads(typingctx, n):  # type: ignore[no-untyped-def]
 
 @nb.njit(cache=True)
 def thread_count():  # pragma: no cover - compiled
-    """``numba.get_num_threads()`` without its Python and ctypes (see ``cpu._start_pool``)."""
+    """``numba.get_num_threads()`` without its Python and ctypes (see ``cpu._thread_counter``)."""
     return _get_threads()
 
 
