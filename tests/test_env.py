@@ -82,6 +82,18 @@ def test_non_ascii_values_decode_as_os_environ_decodes_them(monkeypatch):
     assert setting() == os.environ[NAME] == "d\u00e9j\u00e0"
 
 
+def test_a_dict_that_disagrees_with_os_environ_is_no_longer_read(monkeypatch):
+    """As if a Python kept os.environ's dict otherwise (another key encoding): the first
+    disagreement, checked when a value is parsed, sends the setting to os.environ.get."""
+    setting, parsed = _spy()
+    monkeypatch.setenv(NAME, "7")
+    monkeypatch.setattr(setting, "_key", b"NOT_" + NAME.encode())  # finds nothing in the dict
+    assert setting() == "7" and setting._key is None
+    monkeypatch.delenv(NAME)
+    assert setting() is None
+    assert parsed == ["7", None]
+
+
 def test_a_replaced_os_environ_is_read_through_its_get(monkeypatch):
     setting, _ = _spy()
     monkeypatch.setenv(NAME, "from the real environment")
