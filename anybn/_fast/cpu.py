@@ -543,17 +543,24 @@ class CpuPath:
 
     def _backward(self, plan: _Plan, dy: np.ndarray, saved: BatchNormSaved) -> tuple[np.ndarray, Any, Any]:
         x, act, view = saved.x, saved.act, plan.view
-        dx = _empty(view.fold(x), plan.stream, self._k)
-        coef = np.empty((5, view.features), dtype=x.dtype)  # a, b, k, dweight, dbias
-        k = self._k
-        fused: tuple[Any, ...] = (0, _ABSENT_X[x.dtype], _ABSENT_X[x.dtype], _ABSENT_X[x.dtype])
+        dtype = x.dtype
+        xv, dyv = (x.reshape(view.folded), dy.reshape(view.folded)) if plan.folds else (x, dy)
+        dx = _empty(xv, plan.stream, self._k)
+        coef = np.empty((5, view.features), dtype=dtype)  # a, b, k, dweight, dbias
+        fused = _NO_ACTIVATION[dtype]
         if act is not None:
             c = view.features
-            fused = (k.ACT_CODES[act.kind], _vector(act.pivot, x.dtype, c), _vector(act.scale, x.dtype, c),
-                     _vector(act.shift, x.dtype, c))
-        args = (view.fold(x), view.fold(dy), np.asarray(saved.pivot, dtype=x.dtype), np.asarray(saved.invstd),
-                _given(saved.weight), np.asarray(saved.delta), True, *fused, plan.stream)
-        result = (dx.reshape(x.shape), None if saved.weight is None else coef[3],
+            fused = (self._k.ACT_CODES[act.kind], _vector(act.pivot, dtype, c), _vector(act.scale, dtype, c),
+                     _vector(act.shift, dtype, c))
+        # the saved vectors as the kernels take them, without a call where they are so already
+        # (a training forward on this path saved them so)
+        pivot, invstd, weight, delta = saved.pivot, saved.invstd, saved.weight, saved.delta
+        pivot = pivot if type(pivot) is np.ndarray and pivot.dtype is dtype else np.asarray(pivot, dtype=dtype)
+        invstd = invstd if type(invstd) is np.ndarray else np.asarray(invstd)
+        weight = weight if type(weight) is np.ndarray else _given(weight)
+        delta = delta if type(delta) is np.ndarray else np.asarray(delta)
+        args = (xv, dyv, pivot, invstd, weight, delta, True, *fused, plan.stream)
+        result = (dx.reshape(x.shape) if plan.folds else dx, None if saved.weight is None else coef[3],
                   coef[4] if saved.has_bias else None)  # before the passes, as in _train
         self._run_whole(plan, args, dx, coef)
         return result
@@ -729,6 +736,8 @@ class CpuPath:
 
 _ABSENT = np.empty(0)
 _ABSENT_X = {dtype: np.empty(0, dtype) for dtype in _DTYPES}  # no forward coefficients (no activation)
+# a whole backward's activation arguments where the forward fused none: code 0, no coefficients
+_NO_ACTIVATION = {dtype: (0, _ABSENT_X[dtype], _ABSENT_X[dtype], _ABSENT_X[dtype]) for dtype in _DTYPES}
 
 
 def _out(view: _View, out: np.ndarray | None, like: np.ndarray) -> np.ndarray:
