@@ -421,8 +421,8 @@ class CpuPath:
         errors included, returns None and takes the usual route, which decides and words
         the errors. Why: a call comes right after the previous call's passes have swept
         megabytes through the CPU's caches, and there each layer of Python is a run of cache
-        misses: after a 128 MiB sweep, a 1 MiB inference's Python took ~170 us more than a
-        bare kernel call by the usual route, ~100-115 by this one, and ~40 written out in a
+        misses: after a 128 MiB sweep, a 1 MiB inference's Python took ~140-195 us more than
+        a bare kernel call by the usual route, ~100-115 by this one, and ~40 written out in a
         single function, without the layers kept here for clarity (docs/benchmarks.md).
         """
         plan = self._express_plan("train", x, axis, eps)
