@@ -9,12 +9,13 @@ is free for a contiguous ``x``. Channels-last and (N, C) inputs (``inner == 1``)
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 from ._checks import check_axis, check_floating
 from ._namespace import NDARRAY, Array, Namespace
 
-__all__ = ["Layout", "fold", "layout_of", "plain_numpy_layout", "unfold"]
+__all__ = ["Layout", "fold", "layout_of", "plain_numpy_layout", "plain_vectors", "unfold"]
 
 
 class Layout(NamedTuple):
@@ -99,14 +100,25 @@ def plain_numpy_layout(
         return None
     axis %= ndim
     features = shape[axis]
-    want = (features,)
-    for name, v in vectors.items():
-        if v is None:
-            if name in required:
-                return None
-        elif type(v) is not NDARRAY or v.shape != want or v.dtype != dtype:
+    for name in required:
+        if vectors[name] is None:
             return None
+    if not plain_vectors(vectors.values(), 0, features, dtype):
+        return None
     return Layout(shape, axis, math.prod(shape[:axis]), features, math.prod(shape[axis + 1:]))
+
+
+def plain_vectors(vectors: Iterable[Any], required: int, features: int, dtype: Any) -> bool:
+    """Whether each vector is an exact ``numpy.ndarray`` of shape (features,) and ``dtype``,
+    the first ``required`` of them present and the rest so or None: the short checks' rule
+    for vectors (``plain_numpy_layout``, and the CPU path's express route)."""
+    want = (features,)
+    for i, v in enumerate(vectors):
+        if v is None and i >= required:
+            continue
+        if type(v) is not NDARRAY or v.shape != want or (v.dtype is not dtype and v.dtype != dtype):
+            return False
+    return True
 
 
 def fold(xp: Namespace, a: Array, layout: Layout, dtype: Any = None) -> Array:

@@ -137,10 +137,10 @@ def batch_norm_train(
     ``ANYBN_FAST_PATHS=0``) takes float64 sums of x shifted by one sample per feature in one
     pass over x, and writes y in a second.
     """
-    if comm is None and virtual_batch_size is None and activation is None and residual is None:
-        done = _fast.train_express(x, weight, bias, axis, eps)  # plain NumPy arrays: one step
-        if done is not None:
-            return done  # type: ignore[no-any-return]
+    plain = comm is None and virtual_batch_size is None and activation is None and residual is None
+    route = _fast.express("train_express") if plain else None  # plain NumPy arrays: one step
+    if route is not None and (done := route(x, weight, bias, axis, eps)) is not None:
+        return done  # type: ignore[no-any-return]
     fn = "batch_norm_train"
     fused = activation is not None or residual is not None
     if fused:
@@ -492,10 +492,9 @@ def batch_norm_eval(
     -------
     y : array, same shape, dtype, namespace and device as ``x``.
     """
-    if activation is None and residual is None:
-        y = _fast.eval_express(x, mean, var, weight, bias, axis, eps)  # plain NumPy arrays: one step
-        if y is not None:
-            return y
+    route = _fast.express("eval_express") if activation is None and residual is None else None
+    if route is not None and (y := route(x, mean, var, weight, bias, axis, eps)) is not None:
+        return y  # plain NumPy arrays: one step
     y, _ = _fixed("batch_norm_eval", x, mean, var, weight, bias, axis=axis, eps=eps, keep=False,
                   activation=activation, residual=residual)
     return y
@@ -531,8 +530,8 @@ def batch_norm_backward(dy: Array, saved: BatchNormSaved) -> tuple[Array, ...]:
     dresidual : array, same shape and dtype as the residual
         Only when the forward pass was given ``residual=``: a fourth value.
     """
-    done = _fast.backward_express(dy, saved)  # plain NumPy arrays: one step
-    if done is not None:
+    route = _fast.express("backward_express")  # plain NumPy arrays: one step
+    if route is not None and (done := route(dy, saved)) is not None:
         return done  # type: ignore[no-any-return]
     fn = "batch_norm_backward"
     if not isinstance(saved, BatchNormSaved):

@@ -9,6 +9,8 @@ the errors, and follow what the usual route reads at each call (``ANYBN_FAST_PAT
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -42,9 +44,7 @@ def _cpu_path():
 
 def _usual(monkeypatch):
     """Switch the express route off (the public functions then take the usual route)."""
-    monkeypatch.setattr(_fast, "train_express", lambda *args: None)
-    monkeypatch.setattr(_fast, "eval_express", lambda *args: None)
-    monkeypatch.setattr(_fast, "backward_express", lambda *args: None)
+    monkeypatch.setattr(_fast, "express", lambda route: None)
 
 
 def _same_bits(got, want, what):
@@ -170,10 +170,11 @@ def test_express_follows_the_environment_at_each_call(monkeypatch):
     path = _cpu_path()
     x, _, w, b = _data((1024, 256), 1, np.float32)  # 1 MiB: threads where allowed
     monkeypatch.setenv("ANYBN_FAST_PATHS", "0")
-    assert _fast.train_express(x, w, b, 1, 1e-5) is None
-    assert _fast.eval_express(x, w, w, w, b, 1, 1e-5) is None
+    for route in ("train_express", "eval_express", "backward_express"):
+        assert _fast.express(route) is None
     monkeypatch.delenv("ANYBN_FAST_PATHS")
-    assert _fast.train_express(x, w, b, 1, 1e-5) is not None
+    assert _fast.express("train_express")(x, w, b, 1, 1e-5) is not None
+    assert _fast.express("eval_express")(x, w, w, w, b, 1, 1e-5) is not None
     ran = []
     for name in ("train_rows_whole", "train_rows_whole_par"):
         kernel = getattr(k, name)
@@ -220,6 +221,7 @@ def _declined_backward():
         "dy fortran order": (np.asfortranarray(dy), plain),
         "dy strided": (np.repeat(dy, 2, axis=1)[:, ::2], plain),
         "fixed statistics": (dy, fixed),
+        "batch statistics off, pivot kept": (dy, dataclasses.replace(plain, batch_stats=False)),
         "residual": (dy, with_residual),
         "ghost": (np.concatenate([dy, dy]), ghost),
         "renorm": (dy, renorm),

@@ -26,12 +26,13 @@ Registered paths:
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from typing import Any
 
 from .._env import EnvSetting
 from .._kernels import GENERIC, Kernels, Step
 
-__all__ = ["FastPath", "backward_express", "eval_express", "fast_paths_enabled", "kernels_for", "registered", "select", "train_express"]
+__all__ = ["FastPath", "express", "fast_paths_enabled", "kernels_for", "registered", "select"]
 
 #: A fast path is a :class:`anybn._kernels.Kernels` implementation.
 FastPath = Kernels
@@ -89,27 +90,13 @@ def select(step: Step, xp: Any, *arrays: Any) -> Kernels | None:
     return None
 
 
-def train_express(x: Any, weight: Any, bias: Any, axis: Any, eps: Any) -> Any:
-    """The plain NumPy training forward in one step (``CpuPath.train_express``) where the
-    first registered path has such a route, or None: the usual route serves (also before
-    the registry's first use, and before the CPU path's first call, which loads it)."""
+def express(route: str) -> Callable[..., Any] | None:
+    """The first registered path's express route ``route`` ("train_express", "eval_express"
+    or "backward_express": a plain NumPy call in one step, see ``CpuPath.train_express``), or
+    None: the usual route serves (also with the fast paths off, before the registry's first
+    use, and before the CPU path's first call, which loads it)."""
     paths = _REGISTRY
-    express = getattr(paths[0], "train_express", None) if paths and _FAST_PATHS() else None
-    return None if express is None else express(x, weight, bias, axis, eps)
-
-
-def eval_express(x: Any, mean: Any, var: Any, weight: Any, bias: Any, axis: Any, eps: Any) -> Any:
-    """As ``train_express``, for inference (``CpuPath.eval_express``)."""
-    paths = _REGISTRY
-    express = getattr(paths[0], "eval_express", None) if paths and _FAST_PATHS() else None
-    return None if express is None else express(x, mean, var, weight, bias, axis, eps)
-
-
-def backward_express(dy: Any, saved: Any) -> Any:
-    """As ``train_express``, for backward (``CpuPath.backward_express``)."""
-    paths = _REGISTRY
-    express = getattr(paths[0], "backward_express", None) if paths and _FAST_PATHS() else None
-    return None if express is None else express(dy, saved)
+    return getattr(paths[0], route, None) if paths and _FAST_PATHS() else None
 
 
 def kernels_for(step: Step, xp: Any, *arrays: Any) -> Kernels:

@@ -59,7 +59,7 @@ import numpy as np
 
 from .._env import EnvSetting
 from .._kernels import Activation
-from .._layout import Layout, plain_numpy_layout
+from .._layout import Layout, plain_numpy_layout, plain_vectors
 from .._moments import GradSums, Sums
 from .._saved import BatchNormSaved
 
@@ -241,16 +241,11 @@ _PLANS_KEPT = 64
 _UNPLANNED = object()
 
 
-def _plain_vectors(vectors: tuple[Any, ...], required: int, features: int, dtype: np.dtype) -> bool:
-    """Whether each vector is an exact ndarray of shape (features,) and ``dtype``, the first
-    ``required`` of them present and the rest None or so (``plain_numpy_layout``'s rule)."""
-    want = (features,)
-    for i, v in enumerate(vectors):
-        if v is None and i >= required:
-            continue
-        if type(v) is not np.ndarray or v.shape != want or (v.dtype is not dtype and v.dtype != dtype):
-            return False
-    return True
+def _whole_backward_serves(saved: BatchNormSaved) -> bool:
+    """Whether the whole backward serves ``saved``: batch statistics with their pivot, fused
+    with an activation or not, no residual."""
+    act = saved.act
+    return saved.batch_stats and saved.pivot is not None and (act is None or act.residual is None)
 
 
 class CpuPath:
@@ -401,8 +396,7 @@ class CpuPath:
 
     def backward_whole(self, xp: Any, dy: np.ndarray, saved: BatchNormSaved,
                        layout: Layout) -> tuple[np.ndarray, Any, Any] | None:
-        act = saved.act
-        if not saved.batch_stats or saved.pivot is None or (act is not None and act.residual is not None):
+        if not _whole_backward_serves(saved):
             return None
         plan = self._planned("backward", saved.x, layout.axis, layout)
         return None if plan is None else self._backward(plan, dy, saved)
@@ -426,7 +420,7 @@ class CpuPath:
         single function, without the layers kept here for clarity (docs/benchmarks.md).
         """
         plan = self._express_plan("train", x, axis, eps)
-        if plan is None or not _plain_vectors((weight, bias), 0, plan.layout.features, x.dtype):
+        if plan is None or not plain_vectors((weight, bias), 0, plan.layout.features, x.dtype):
             return None
         return self._train(plan, x, weight, bias, eps, None)
 
@@ -435,7 +429,7 @@ class CpuPath:
         """``batch_norm_eval(x, mean, var, weight, bias, axis=axis, eps=eps)`` in one step, or
         None: as ``train_express``, with mean and var required."""
         plan = self._express_plan("eval", x, axis, eps)
-        if plan is None or not _plain_vectors((mean, var, weight, bias), 2, plan.layout.features, x.dtype):
+        if plan is None or not plain_vectors((mean, var, weight, bias), 2, plan.layout.features, x.dtype):
             return None
         return self._eval(plan, x, mean, var, weight, bias, eps, 0)
 
@@ -446,11 +440,10 @@ class CpuPath:
         dtype."""
         if type(saved) is not BatchNormSaved or type(dy) is not np.ndarray or self._kernels is None:
             return None
-        x, act, layout = saved.x, saved.act, saved.layout
-        if (type(x) is not np.ndarray or layout is None or not saved.batch_stats or saved.pivot is None
-                or saved.r is not None or saved.groups is not None or saved.comm is not None
-                or (act is not None and act.residual is not None)):
-            return None
+        x, layout = saved.x, saved.layout
+        if (type(x) is not np.ndarray or layout is None or saved.r is not None or saved.groups is not None
+                or saved.comm is not None or not _whole_backward_serves(saved)):
+            return None  # renormalized, ghost and synchronized states: functional's own routes
         dtype = x.dtype
         if ((dtype is not _F32 and dtype is not _F64 and dtype not in _DTYPES) or dy.shape != x.shape
                 or (dy.dtype is not dtype and dy.dtype != dtype) or not x.flags.c_contiguous
@@ -478,7 +471,7 @@ class CpuPath:
         ``OMP_WAIT_POLICY``); a forked child starts afresh. ``layout``: x's, where known;
         else folded here on a new shape (None for x the fold does not take)."""
         # OMP_WAIT_POLICY only decides below _PASSIVE_MIN_BYTES (see _split); each read costs
-        passive = x.nbytes < _PASSIVE_MIN_BYTES and _WAIT_POLICY_PASSIVE()
+        passive = x.nbytes < _PASSIVE_MIN_BYTES and _passive_workers()
         key = (step, x.shape, x.dtype.char, axis, _THREAD_CAP(), passive)
         plan = self._plans.get(key, _UNPLANNED)
         if plan is _UNPLANNED:
